@@ -1,0 +1,1 @@
+"""template-image-agent: prepares hypervisor base images."""

@@ -1,0 +1,1 @@
+"""The base-image index and the cache manager pass."""

@@ -1,0 +1,98 @@
+"""The base-image index: what the agent knows about each file in ``_base``.
+
+Kept in a diskcache under ``state_path`` (safe across threads and
+processes). ``_base`` stays the truth: ``reconcile`` adopts nova-made files
+and drops entries whose file is gone.
+"""
+
+import dataclasses
+import os
+import time
+
+import diskcache
+
+from agent import naming
+
+
+@dataclasses.dataclass
+class BaseImage:
+    filename: str
+    image_id: str = None
+    handler: str = 'downloading'
+    source: str = None
+    size_bytes: int = 0
+    virtual_size: int = None
+    disk_format: str = None
+    hash_algo: str = None
+    hash_value: str = None
+    image_updated_at: str = None
+    created: float = None
+    last_used: float = None
+    adopted: bool = False
+    target: str = None
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data):
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+class BaseImageIndex:
+    def __init__(self, state_path):
+        os.makedirs(state_path, exist_ok=True)
+        self.cache = diskcache.Cache(os.path.join(state_path, 'base-index'),
+                                     eviction_policy='none',
+                                     size_limit=2 ** 40)
+
+    def close(self):
+        self.cache.close()
+
+    def get(self, filename):
+        data = self.cache.get('base:' + filename)
+        return BaseImage.from_dict(data) if data else None
+
+    def put(self, entry):
+        self.cache.set('base:' + entry.filename, entry.to_dict())
+
+    def delete(self, filename):
+        self.cache.delete('base:' + filename)
+
+    def all(self):
+        entries = []
+        for key in list(self.cache.iterkeys()):
+            if isinstance(key, str) and key.startswith('base:'):
+                entry = self.get(key[5:])
+                if entry:
+                    entries.append(entry)
+        return entries
+
+    def touch(self, filename, when=None):
+        entry = self.get(filename)
+        if entry:
+            entry.last_used = when or time.time()
+            self.put(entry)
+
+    def reconcile(self, base_dir):
+        """Make the index agree with ``base_dir``: adopt, drop.
+
+        Returns ``(adopted, dropped)`` lists of file names.
+        """
+        present = set()
+        if os.path.isdir(base_dir):
+            present = {n for n in os.listdir(base_dir)
+                       if naming.parse_base_filename(n)}
+        known = {e.filename: e for e in self.all()}
+        dropped = sorted(n for n in known if n not in present)
+        for name in dropped:
+            self.delete(name)
+        adopted = sorted(n for n in present if n not in known)
+        for name in adopted:
+            st = os.lstat(os.path.join(base_dir, name))
+            self.put(BaseImage(filename=name, handler='downloading',
+                               source='nova', size_bytes=st.st_size,
+                               created=st.st_mtime, last_used=st.st_mtime,
+                               adopted=True))
+        return adopted, dropped

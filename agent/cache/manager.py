@@ -1,0 +1,99 @@
+"""The cache manager pass, as nova's ``imagecache.ImageCacheManager``.
+
+Touch in-use bases (mtime = last use, so nova's own manager agrees), then
+remove unused originals and resized variants older than their minimum ages.
+Each removal re-checks age and usage under the base's lock right before it
+happens, and removes only the entry in ``_base`` itself (a symlink is
+unlinked, never followed).
+"""
+
+import logging
+import os
+import time
+
+from agent import errors, naming
+
+LOG = logging.getLogger(__name__)
+
+
+def base_names(base_dir):
+    """Names in ``base_dir`` that are base images (sha1 or sha1_size)."""
+    if not os.path.isdir(base_dir):
+        return []
+    return sorted(n for n in os.listdir(base_dir)
+                  if naming.parse_base_filename(n))
+
+
+def min_age_for(conf, filename, override=None):
+    if override is not None:
+        return override
+    resized = naming.parse_base_filename(filename)[1] is not None
+    if resized:
+        return conf.image_cache.remove_unused_resized_minimum_age_seconds
+    return conf.image_cache.remove_unused_original_minimum_age_seconds
+
+
+def run_pass(agent, dry_run=False, min_age=None, now=None):
+    """One pass over ``_base``; returns a report dict.
+
+    :param min_age: seconds, overrides both minimum ages (``prune --min-age``)
+    """
+    conf = agent.conf
+    now = now or time.time()
+    names = base_names(agent.base_dir)
+    paths = {n: os.path.join(agent.base_dir, n) for n in names}
+    removing = conf.image_cache.remove_unused_base_images
+    usage = agent.scanner.scan(list(paths.values()), strict=removing)
+    report = {'dry_run': dry_run, 'removed': [], 'in_use': [],
+              'too_young': [], 'reclaimed_bytes': 0,
+              'remove_unused_base_images': removing,
+              'warnings': list(usage.warnings)}
+    for name, path in paths.items():
+        if usage.in_use(path):
+            report['in_use'].append({'filename': name,
+                                     'users': usage.users[path]})
+            if not dry_run:
+                try:
+                    os.utime(path, (now, now), follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                agent.index.touch(name, now)
+    if not removing:
+        return report
+    for name, path in paths.items():
+        if usage.in_use(path):
+            continue
+        age_limit = min_age_for(conf, name, min_age)
+
+        def old_enough(st, age_limit=age_limit):
+            return time.time() - st.st_mtime >= age_limit
+
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            continue
+        if not old_enough(st):
+            report['too_young'].append(name)
+            continue
+        if dry_run:
+            entry = agent.index.get(name)
+            report['removed'].append({
+                'filename': name, 'path': path,
+                'image_id': entry.image_id if entry else None,
+                'disk_bytes': st.st_blocks * 512})
+            report['reclaimed_bytes'] += st.st_blocks * 512
+            continue
+        try:
+            info = agent.remove_base(name, check_age=old_enough)
+        except errors.BaseImageInUse as exc:
+            LOG.info('base %s came into use during the pass: %s', name, exc)
+            report['in_use'].append({'filename': name, 'users': []})
+            continue
+        if info is None:
+            report['too_young'].append(name)
+            continue
+        report['removed'].append({'filename': name, 'path': path,
+                                  'image_id': info['image_id'],
+                                  'disk_bytes': info['disk_bytes']})
+        report['reclaimed_bytes'] += info['disk_bytes']
+    return report

@@ -1,0 +1,344 @@
+"""``template-agent``: a thin click layer over ``agent.core``.
+
+Parses, calls the core, formats (``--format table|json``), and maps errors to
+one readable line on stderr and a non-zero exit (a traceback only with -v).
+Heavy modules are imported inside the commands so ``--help`` stays fast.
+"""
+
+import contextlib
+import datetime
+import json
+import logging
+import re
+import sys
+
+import click
+
+_DURATION = re.compile(r'^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$')
+_UNITS = {'': 1, 's': 1, 'm': 60, 'h': 3600, 'd': 86400, 'w': 604800}
+
+
+def parse_duration(text):
+    """``'90'``, ``'30s'``, ``'10m'``, ``'2h'``, ``'1d'``, ``'1w'`` -> seconds."""
+    m = _DURATION.match(text or '')
+    if not m:
+        raise click.BadParameter('%r is not a duration such as 0, 30s, 10m, '
+                                 '2h or 1d' % text)
+    return int(float(m.group(1)) * _UNITS[m.group(2)])
+
+
+def human_bytes(n):
+    if n is None:
+        return '-'
+    for unit in ('B', 'KiB', 'MiB', 'GiB', 'TiB'):
+        if abs(n) < 1024 or unit == 'TiB':
+            return ('%d %s' % (n, unit)) if unit == 'B' else \
+                '%.1f %s' % (n, unit)
+        n /= 1024.0
+
+
+def human_time(ts):
+    if not ts:
+        return '-'
+    return datetime.datetime.fromtimestamp(ts).strftime('%Y-%m-%d %H:%M:%S')
+
+
+def print_table(rows, columns):
+    """``columns``: [(header, callable(row) -> str)]."""
+    cells = [[h for h, _ in columns]]
+    cells += [[str(f(r)) for _, f in columns] for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(columns))]
+    for line in cells:
+        click.echo('  '.join(c.ljust(w) for c, w in zip(line, widths))
+                   .rstrip())
+
+
+def print_json(data):
+    click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
+
+
+class Context:
+    def __init__(self, config_files, verbose):
+        self.config_files = config_files
+        self.verbose = verbose
+        self._agent = None
+
+    @property
+    def conf(self):
+        return self.agent.conf
+
+    @property
+    def agent(self):
+        if self._agent is None:
+            from agent import config, core
+            self._agent = core.TemplateAgent(config.load(self.config_files))
+        return self._agent
+
+
+@contextlib.contextmanager
+def handle_errors(ctx):
+    """One line on stderr and an exit code for every expected failure."""
+    from oslo_config import cfg
+    from agent import errors
+    try:
+        yield
+    except errors.AgentError as exc:
+        if ctx.verbose:
+            raise
+        click.echo('error: %s' % exc, err=True)
+        sys.exit(exc.exit_code)
+    except cfg.Error as exc:
+        if ctx.verbose:
+            raise
+        click.echo('error: configuration: %s' % exc, err=True)
+        sys.exit(2)
+    except OSError as exc:
+        if ctx.verbose:
+            raise
+        click.echo('error: %s' % exc, err=True)
+        sys.exit(1)
+
+
+pass_ctx = click.make_pass_decorator(Context)
+FORMAT = click.option('--format', 'fmt', type=click.Choice(['table', 'json']),
+                      default='table', show_default=True,
+                      help='Output format.')
+
+
+@click.group(context_settings={'help_option_names': ['-h', '--help']})
+@click.option('--config-file', multiple=True, type=click.Path(),
+              help='INI config file; repeat for several (later ones win). '
+              'Default: $TEMPLATE_AGENT_CONFIG (colon-separated).')
+@click.option('-v', '--verbose', is_flag=True,
+              help='Debug logging, and tracebacks on errors.')
+@click.pass_context
+def main(click_ctx, config_file, verbose):
+    """Prepare and manage hypervisor base images (nova's _base)."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.WARNING,
+        format='%(asctime)s %(levelname)s %(name)s: %(message)s')
+    click_ctx.obj = Context(list(config_file), verbose)
+
+
+# -- images (local catalog) --------------------------------------------------
+@main.group()
+def images():
+    """The embedded local image catalog."""
+
+
+def _local_catalog(ctx):
+    from agent import errors
+    from agent.images.local_catalog import LocalCatalog
+    if ctx.conf.image_source.driver != 'local':
+        raise errors.ConfigError(
+            reason='the local catalog is not in use ([image_source] driver '
+            '= %s); upload images to Glance instead'
+            % ctx.conf.image_source.driver)
+    return LocalCatalog(ctx.conf.image_source.local_path)
+
+
+@images.command('import')
+@click.argument('file', type=click.Path(exists=True, dir_okay=False))
+@click.option('--id', 'image_id', required=True, help='Image id to give it.')
+@click.option('--name', help='Display name (default: the file name).')
+@click.option('--disk-format', help='raw, qcow2, vmdk, vhd, vhdx, vdi, iso; '
+              'detected when omitted, refused when it does not match.')
+@click.option('--visibility', default='shared', show_default=True,
+              type=click.Choice(['public', 'private', 'shared',
+                                 'community']))
+@click.option('--owner', help='Owning project id.')
+@FORMAT
+@pass_ctx
+def images_import(ctx, file, image_id, name, disk_format, visibility, owner,
+                  fmt):
+    """Add FILE to the local catalog as image --id."""
+    with handle_errors(ctx):
+        image = _local_catalog(ctx).import_image(
+            file, image_id, name=name, disk_format=disk_format,
+            visibility=visibility, owner=owner)
+        record = image.to_glance()
+        if fmt == 'json':
+            print_json(record)
+        else:
+            click.echo('imported %s: %s, %s, virtual %s, sha512 %s...' % (
+                image.id, image.disk_format, human_bytes(image.size),
+                human_bytes(image.virtual_size), image.os_hash_value[:16]))
+
+
+@images.command('list')
+@FORMAT
+@pass_ctx
+def images_list(ctx, fmt):
+    """List the images of the local catalog."""
+    with handle_errors(ctx):
+        records = [i.to_glance() for i in _local_catalog(ctx).list()]
+        if fmt == 'json':
+            print_json(records)
+            return
+        print_table(records, [
+            ('ID', lambda r: r['id']), ('NAME', lambda r: r['name']),
+            ('FORMAT', lambda r: r['disk_format']),
+            ('SIZE', lambda r: human_bytes(r['size'])),
+            ('VIRTUAL', lambda r: human_bytes(r['virtual_size'])),
+            ('VISIBILITY', lambda r: r['visibility']),
+            ('OWNER', lambda r: r['owner'] or '-')])
+
+
+# -- base images -------------------------------------------------------------
+@main.command()
+@click.argument('image_id')
+@click.option('--handler', help='Use only this handler.')
+@click.option('--project-id', help='Requesting project (sharing rules).')
+@pass_ctx
+def fetch(ctx, image_id, handler, project_id):
+    """Prepare the base image of IMAGE_ID; prints its path last."""
+    with handle_errors(ctx):
+        with _progress_bar('fetching %s' % image_id) as progress:
+            path = ctx.agent.fetch_image(image_id, handler=handler,
+                                         project_id=project_id,
+                                         progress=progress)
+        click.echo(path)
+
+
+@contextlib.contextmanager
+def _progress_bar(label):
+    """A progress callback drawing a bar on a terminal, else None."""
+    if not sys.stderr.isatty():
+        yield None
+        return
+    state = {'bar': None, 'done': 0}
+
+    def progress(done, total):
+        if state['bar'] is None:
+            state['bar'] = click.progressbar(
+                length=total or 0, label=label, file=sys.stderr,
+                show_pos=False)
+            state['bar'].__enter__()
+        state['bar'].update(done - state['done'])
+        state['done'] = done
+    try:
+        yield progress
+    finally:
+        if state['bar'] is not None:
+            state['bar'].__exit__(None, None, None)
+
+
+LIST_COLUMNS = [
+    ('IMAGE', lambda r: r['image_id'] or '(nova) ' + r['filename'][:12]),
+    ('HANDLER', lambda r: r['handler']),
+    ('SIZE', lambda r: human_bytes(r['size_bytes'])),
+    ('ON DISK', lambda r: human_bytes(r['disk_bytes'])),
+    ('IN USE', lambda r: 'yes' if r['in_use'] else 'no'),
+    ('USERS', lambda r: ','.join(r['users']) or '-'),
+    ('LAST USED', lambda r: human_time(r['last_used'])),
+    ('PATH', lambda r: r['path'] + (' -> ' + r['target']
+                                    if r['target'] else '')),
+]
+
+
+@main.command('list')
+@FORMAT
+@pass_ctx
+def list_(ctx, fmt):
+    """List base images with size, handler, users and last use."""
+    with handle_errors(ctx):
+        rows, warnings = ctx.agent.list_images()
+        for warning in warnings:
+            click.echo('warning: %s' % warning, err=True)
+        if fmt == 'json':
+            print_json(rows)
+        else:
+            print_table(rows, LIST_COLUMNS)
+
+
+@main.command()
+@click.argument('image_id')
+@FORMAT
+@pass_ctx
+def show(ctx, image_id, fmt):
+    """Show one base image."""
+    with handle_errors(ctx):
+        info = ctx.agent.show_image(image_id)
+        if fmt == 'json':
+            print_json(info)
+            return
+        for warning in info.pop('usage_warnings'):
+            click.echo('warning: %s' % warning, err=True)
+        for key in sorted(info):
+            click.echo('%-18s %s' % (key + ':', info[key]))
+
+
+@main.command()
+@click.argument('image_id')
+@pass_ctx
+def remove(ctx, image_id):
+    """Remove the base of IMAGE_ID; refused while it is in use."""
+    with handle_errors(ctx):
+        info = ctx.agent.remove_image(image_id)
+        click.echo('removed %s (%s on disk)' % (info['path'],
+                                                human_bytes(
+                                                    info['disk_bytes'])))
+
+
+@main.command()
+@click.option('--dry-run', is_flag=True, help='Only say what would go.')
+@click.option('--min-age', help='Remove unused bases older than this '
+              '(e.g. 0, 30m, 2h, 1d) instead of the configured minimum ages.')
+@click.option('--yes', is_flag=True, help='Do not ask on a terminal.')
+@FORMAT
+@pass_ctx
+def prune(ctx, dry_run, min_age, yes, fmt):
+    """Remove unused base images older than the minimum age."""
+    seconds = parse_duration(min_age) if min_age is not None else None
+    with handle_errors(ctx):
+        if not dry_run and not yes and sys.stdin.isatty():
+            plan = ctx.agent.prune(dry_run=True, min_age=seconds)
+            if not plan['removed']:
+                _print_prune(plan, fmt)
+                return
+            for item in plan['removed']:
+                click.echo('would remove %s' % item['path'])
+            click.confirm('Remove %d base image(s), %s?' % (
+                len(plan['removed']), human_bytes(plan['reclaimed_bytes'])),
+                abort=True)
+        _print_prune(ctx.agent.prune(dry_run=dry_run, min_age=seconds), fmt)
+
+
+def _print_prune(report, fmt):
+    for warning in report['warnings']:
+        click.echo('warning: %s' % warning, err=True)
+    if fmt == 'json':
+        print_json(report)
+        return
+    verb = 'would remove' if report['dry_run'] else 'removed'
+    for item in report['removed']:
+        click.echo('%s %s (image %s, %s)' % (
+            verb, item['path'], item['image_id'] or 'unknown',
+            human_bytes(item['disk_bytes'])))
+    if not report['remove_unused_base_images']:
+        click.echo('remove_unused_base_images is False: nothing is removed')
+    click.echo('%s %d base image(s), %s reclaimed; %d in use, %d too young'
+               % (verb, len(report['removed']),
+                  human_bytes(report['reclaimed_bytes']),
+                  len(report['in_use']), len(report['too_young'])))
+
+
+@main.command()
+@FORMAT
+@pass_ctx
+def init(ctx, fmt):
+    """Re-prepare base images after a restart (clean up, re-link)."""
+    with handle_errors(ctx):
+        report = ctx.agent.init()
+        if fmt == 'json':
+            print_json(report)
+            return
+        click.echo('cleaned %d temporary file(s), adopted %d, dropped %d'
+                   % (len(report['cleaned']), len(report['adopted']),
+                      len(report['dropped'])))
+        for name, result in report['handlers'].items():
+            click.echo('handler %s: %s' % (name, json.dumps(result)))
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,261 @@
+"""Configuration options, with nova's names and defaults where nova has them.
+
+The options are registered on a private ``ConfigOpts`` per agent instance, so
+tests and the CLI can load several configurations in one process.
+``list_opts()`` feeds oslo-config-generator (namespace ``template_agent``),
+which writes ``etc/template-agent.conf.sample``.
+"""
+
+import os
+
+from oslo_config import cfg
+
+DEFAULT_OPTS = [
+    cfg.StrOpt(
+        'instances_path',
+        default='/var/lib/nova/instances',
+        help="""
+Where instances are stored on disk, as nova-compute's ``instances_path``.
+
+Base images live in ``$instances_path/$image_cache.subdirectory_name`` and
+the external file locks shared with nova-compute in ``$instances_path/locks``.
+
+Related options:
+
+* ``[image_cache] subdirectory_name``
+"""),
+    cfg.StrOpt(
+        'state_path',
+        default='/var/lib/template-agent',
+        help="""
+Directory for the agent's own state: the base-image index, the local image
+catalog and the local volumes.
+"""),
+    cfg.ListOpt(
+        'template_image_handler',
+        default=['downloading'],
+        help="""
+Ordered list of handlers that prepare base images.
+
+The first handler that can serve an image prepares it; when it fails, the
+next one is tried. The handler that prepared a base is recorded, so removal
+and ``init`` go back to it.
+
+Possible values:
+
+* ``downloading``: copy the image from the image source, verify and convert it
+* ``volume_linking``: link the block device of a volume holding the image
+* any name registered in the ``template_agent.handlers`` entry point group
+
+Example: ``volume_linking,downloading`` links when possible and downloads
+otherwise.
+"""),
+    cfg.BoolOpt(
+        'force_raw_images',
+        default=True,
+        help="""
+Force conversion of base images to raw format, as nova's option of the same
+name. Raw bases are faster to read and can be shared as block devices.
+"""),
+    cfg.IntOpt(
+        'max_image_virtual_size_gb',
+        default=0,
+        min=0,
+        help="""
+Largest virtual size, in GiB, of an image the agent accepts. Larger images
+are refused before any byte is written to ``_base``.
+
+Possible values:
+
+* 0: no limit
+* a positive integer: the limit in GiB
+"""),
+]
+
+IMAGE_CACHE_OPTS = [
+    cfg.StrOpt(
+        'subdirectory_name',
+        default='_base',
+        help="""
+Location of cached base images, relative to ``instances_path``, as nova's
+``[image_cache] subdirectory_name``. Keep both the same so that nova finds
+the bases the agent prepares.
+"""),
+    cfg.IntOpt(
+        'manager_interval',
+        default=2400,
+        min=-1,
+        help="""
+Number of seconds between runs of the cache manager pass.
+
+Possible values:
+
+* 0: run at the default interval of 60 seconds (not recommended)
+* -1: disable the pass
+* any other value
+"""),
+    cfg.BoolOpt(
+        'remove_unused_base_images',
+        default=True,
+        help="""
+Remove unused base images during the cache manager pass. When False, the
+pass only touches in-use bases and removes nothing.
+"""),
+    cfg.IntOpt(
+        'remove_unused_original_minimum_age_seconds',
+        default=86400,
+        min=0,
+        help="""
+Unused unresized base images younger than this are not removed.
+
+Related options:
+
+* ``remove_unused_base_images``
+"""),
+    cfg.IntOpt(
+        'remove_unused_resized_minimum_age_seconds',
+        default=3600,
+        min=0,
+        help="""
+Unused resized base images (``<sha1>_<size>``) younger than this are not
+removed.
+
+Related options:
+
+* ``remove_unused_base_images``
+"""),
+    cfg.IntOpt(
+        'precache_concurrency',
+        default=1,
+        min=1,
+        help="""
+Maximum number of images prepared in parallel when pre-caching a list of
+images.
+"""),
+]
+
+IMAGE_SOURCE_OPTS = [
+    cfg.StrOpt(
+        'driver',
+        default='local',
+        choices=[('local', 'the embedded local catalog under local_path'),
+                 ('glance', 'a Glance v2 API, see the [glance] section')],
+        help="Where image metadata and bits come from."),
+    cfg.StrOpt(
+        'local_path',
+        default='$state_path/catalog',
+        help="""
+Directory of the local image catalog: ``<id>.json`` holds Glance-v2-shaped
+metadata, ``<id>.data`` the image bits. Fill it with
+``template-agent images import``.
+
+Related options:
+
+* ``driver``
+"""),
+]
+
+GLANCE_OPTS = [
+    cfg.ListOpt(
+        'api_servers',
+        default=['http://127.0.0.1:9292'],
+        help="""
+List of Glance API endpoints, tried in order; on a connection failure or a
+5xx answer the next one is used.
+
+Possible values:
+
+* a list of URLs such as ``http://glance1:9292,http://glance2:9292``
+"""),
+    cfg.IntOpt(
+        'num_retries',
+        default=3,
+        min=0,
+        help="""
+How many times a failed transient request to Glance (connection error,
+5xx, stalled stream) is retried, with exponential backoff. Client errors
+(4xx), a full disk and rejected images are never retried.
+"""),
+    cfg.StrOpt(
+        'auth_token',
+        secret=True,
+        help="""
+Token sent as ``X-Auth-Token``. Leave unset for a Glance without
+authentication.
+"""),
+    cfg.FloatOpt(
+        'read_timeout',
+        default=60.0,
+        min=0.1,
+        help="""
+Seconds without any byte from Glance after which a request or a download
+stream counts as stalled; a stalled download is resumed (with a Range
+request) up to ``num_retries`` times.
+"""),
+]
+
+LIBVIRT_OPTS = [
+    cfg.StrOpt(
+        'connection_uri',
+        default='qemu:///system',
+        help="""
+libvirt URI used, read-only, to find the domains whose disks use a base
+image.
+
+Possible values:
+
+* a libvirt URI, e.g. ``qemu:///system`` or ``test:///path/to/node.xml``
+* empty: do not ask libvirt (instance disks and open files are still checked)
+"""),
+]
+
+
+def list_opts():
+    """Options for oslo-config-generator (namespace ``template_agent``)."""
+    return [
+        ('DEFAULT', DEFAULT_OPTS),
+        ('image_cache', IMAGE_CACHE_OPTS),
+        ('image_source', IMAGE_SOURCE_OPTS),
+        ('glance', GLANCE_OPTS),
+        ('libvirt', LIBVIRT_OPTS),
+    ]
+
+
+CONFIG_ENV = 'TEMPLATE_AGENT_CONFIG'
+
+
+def load(config_files=None, overrides=None):
+    """Return a new ``ConfigOpts`` with every option registered and parsed.
+
+    :param config_files: INI files, later ones override earlier ones; when
+        empty, ``$TEMPLATE_AGENT_CONFIG`` (``:``-separated) is used, and
+        oslo.config's default files are not searched.
+    :param overrides: ``{'group': {'name': value}}`` or ``{'name': value}``
+        for DEFAULT, applied after parsing (used by tests and the CLI).
+    """
+    conf = cfg.ConfigOpts()
+    for group, opts in list_opts():
+        conf.register_opts(opts, group=None if group == 'DEFAULT' else group)
+    files = list(config_files or [])
+    if not files and os.environ.get(CONFIG_ENV):
+        files = [f for f in os.environ[CONFIG_ENV].split(':') if f]
+    for path in files:
+        if not os.path.isfile(path):
+            raise cfg.ConfigFilesNotFoundError([path])
+    conf([], project='template-agent', default_config_files=files,
+         default_config_dirs=[], use_env=False)
+    for key, value in (overrides or {}).items():
+        if isinstance(value, dict):
+            for name, v in value.items():
+                conf.set_override(name, v, group=key)
+        else:
+            conf.set_override(key, value)
+    return conf
+
+
+def base_dir(conf):
+    return os.path.join(conf.instances_path, conf.image_cache.subdirectory_name)
+
+
+def lock_dir(conf):
+    return os.path.join(conf.instances_path, 'locks')

@@ -1,0 +1,118 @@
+"""Every error a user can see: one base, flat subclasses, message templates.
+
+Each message says what failed, on what, and what to do. ``exit_code`` is what
+the CLI returns for it.
+"""
+
+
+class AgentError(Exception):
+    message = "An unknown error occurred."
+    exit_code = 1
+    #: False for errors another handler or a retry cannot fix.
+    falls_through = True
+
+    def __init__(self, message=None, **kwargs):
+        self.kwargs = kwargs
+        if message is None:
+            try:
+                message = self.message % kwargs
+            except (KeyError, TypeError):
+                message = self.message
+        super().__init__(message)
+
+
+class ConfigError(AgentError):
+    message = "Invalid configuration: %(reason)s"
+    exit_code = 2
+    falls_through = False
+
+
+class UnknownHandler(ConfigError):
+    message = ("Unknown template image handler %(name)r in "
+               "template_image_handler; valid names: %(valid)s.")
+
+
+class InvalidImageId(AgentError):
+    message = ("Invalid image id %(image_id)r: %(reason)s. Image ids are "
+               "Glance ids (UUIDs) or short names of letters, digits, '.', "
+               "'_' and '-'.")
+    exit_code = 2
+    falls_through = False
+
+
+class ImageNotFound(AgentError):
+    message = "Image %(image_id)s not found in %(source)s."
+    falls_through = False
+
+
+class ImageNotAuthorized(AgentError):
+    message = ("Not authorized to read image %(image_id)s from %(source)s "
+               "(HTTP %(status)s); check [glance] auth_token.")
+    falls_through = False
+
+
+class ImageNotActive(AgentError):
+    message = ("Image %(image_id)s is %(status)s, not active; wait for its "
+               "upload to finish.")
+    falls_through = False
+
+
+class SourceUnavailable(AgentError):
+    message = ("Image source %(source)s is unavailable: %(reason)s. Check "
+               "that it runs and that [glance] api_servers is right.")
+
+
+class DownloadFailed(AgentError):
+    message = ("Download of image %(image_id)s failed after %(attempts)d "
+               "attempt(s): %(reason)s. Nothing was published; retry later.")
+
+
+class ImageUnacceptable(AgentError):
+    """The image bits or metadata are unsafe or wrong: never retried."""
+    message = "Image %(image_id)s refused: %(reason)s"
+    falls_through = False
+
+
+class ChecksumMismatch(ImageUnacceptable):
+    message = ("Image %(image_id)s refused: its %(algo)s is %(actual)s but "
+               "the image metadata says %(expected)s. The data is corrupt or "
+               "was tampered with; nothing was published.")
+
+
+class ImageTooLarge(ImageUnacceptable):
+    message = ("Image %(image_id)s refused: virtual size %(size)d bytes is "
+               "over max_image_virtual_size_gb=%(limit)d.")
+
+
+class InsufficientSpace(AgentError):
+    message = ("Not enough space in %(path)s for image %(image_id)s: need "
+               "%(needed)d bytes, %(free)d free. Free space (template-agent "
+               "prune) and retry.")
+    falls_through = False
+
+
+class BaseImageNotFound(AgentError):
+    message = "No base image for image %(image_id)s in %(path)s."
+
+
+class BaseImageInUse(AgentError):
+    message = ("Base image %(path)s is in use by %(users)s; it is not "
+               "removed.")
+
+
+class UsageUnknown(AgentError):
+    message = ("Cannot tell whether base images are in use: %(reason)s. "
+               "Nothing is removed while usage is unknown.")
+
+
+class HandlerCannotServe(AgentError):
+    message = "Handler %(handler)s cannot serve image %(image_id)s: %(reason)s"
+
+
+class NoHandlerSucceeded(AgentError):
+    message = ("No handler could prepare image %(image_id)s: %(reasons)s")
+
+
+class ConversionFailed(AgentError):
+    message = ("qemu-img could not convert image %(image_id)s: %(reason)s")
+    falls_through = False

@@ -1,0 +1,1 @@
+"""Template image handlers: the interface, the implementations, the registry."""

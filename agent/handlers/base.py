@@ -1,0 +1,87 @@
+"""The interface every template image handler implements.
+
+A handler prepares a base image in ``_base`` one way (downloading, volume
+linking, ...). The agent core (``agent.core.TemplateAgent``) owns what is
+common: it validates the id, takes nova's external lock ``nova-<sha1>``,
+asks the image source for the metadata, tries the configured handlers in
+order and records which one prepared the base in the index. A handler only
+does its own part, always under that lock.
+
+Worked example, downloading image ``cirros`` (sha1 ``cf23...``)::
+
+    handler = DownloadingTemplateImageHandler(context)
+    handler.can_serve(image)            # -> (True, None)
+    entry = handler.fetch_image(image, '/var/lib/nova/instances/_base/cf23...')
+    entry.handler                       # -> 'downloading'
+    entry.size_bytes                    # -> 117440512 (raw, on disk sparse)
+    handler.remove_image(entry, '/var/lib/nova/instances/_base/cf23...')
+
+and a volume-linking handler would answer ``can_serve(image)`` with
+``(False, 'image has no volume location and the cache is disabled')`` to let
+the next handler serve.
+"""
+
+import abc
+import dataclasses
+
+
+@dataclasses.dataclass
+class HandlerContext:
+    """What a handler gets from the agent core."""
+    conf: object        # oslo.config ConfigOpts
+    source: object      # agent.images.sources.ImageSource
+    index: object       # agent.cache.index.BaseImageIndex
+    base_dir: str       # $instances_path/_base
+
+
+class BaseTemplateImageHandler(abc.ABC):
+    #: short name, as written in ``template_image_handler``
+    name = None
+
+    def __init__(self, context):
+        self.context = context
+        self.conf = context.conf
+
+    def can_serve(self, image, project_id=None):
+        """Whether this handler can prepare ``image`` on this host.
+
+        :param image: ``agent.images.meta.ImageMeta``
+        :param project_id: the requesting project, for sharing rules
+        :returns: ``(True, None)`` or ``(False, 'why not')``; a handler that
+            cannot work on this host at all (no backend, no privileges) says
+            so here instead of failing in ``fetch_image``.
+        """
+        return True, None
+
+    @abc.abstractmethod
+    def fetch_image(self, image, path, progress=None, project_id=None):
+        """Prepare the base image of ``image`` at ``path``.
+
+        Called under the image's lock, only when nothing exists at ``path``.
+        Must leave nothing under ``path`` when it fails, and only publish a
+        complete, verified base (atomic rename or atomic symlink).
+
+        :param image: ``ImageMeta`` from the image source
+        :param path: ``$instances_path/_base/<sha1(image.id)>``
+        :param progress: optional ``callable(done_bytes, total_bytes)``
+        :param project_id: the requesting project, for sharing rules
+        :returns: ``agent.cache.index.BaseImage`` describing the new base
+        :raises agent.errors.AgentError: what failed; errors whose
+            ``falls_through`` is True let the next handler try
+        """
+
+    @abc.abstractmethod
+    def remove_image(self, entry, path):
+        """Remove the base at ``path`` (and detach what it attached).
+
+        Called under the image's lock, after the core checked that nothing
+        uses the base. Never follows a symlink out of ``_base``.
+        """
+
+    def init(self):
+        """Re-prepare this handler's bases after a restart of the agent or
+        the host: clean half-written files, re-attach, repair links.
+
+        :returns: a dict report, e.g. ``{'cleaned': [...], 'failed': [...]}``
+        """
+        return {}

@@ -1,0 +1,45 @@
+"""Find handlers by short name: built-in ones and the entry point group
+``template_agent.handlers`` (so a third party can add one)."""
+
+import importlib
+from importlib import metadata
+
+from agent import errors
+
+ENTRY_POINT_GROUP = 'template_agent.handlers'
+BUILTIN = {
+    'downloading': 'agent.handlers.downloading:DownloadingTemplateImageHandler',
+}
+
+
+def _entry_points():
+    try:
+        return {ep.name: ep for ep in
+                metadata.entry_points(group=ENTRY_POINT_GROUP)}
+    except TypeError:  # Python < 3.10
+        return {ep.name: ep for ep in
+                metadata.entry_points().get(ENTRY_POINT_GROUP, [])}
+
+
+def available():
+    return sorted(set(BUILTIN) | set(_entry_points()))
+
+
+def load(name):
+    """The handler class registered as ``name``; UnknownHandler if none."""
+    if name in BUILTIN:
+        module, _, attr = BUILTIN[name].partition(':')
+        return getattr(importlib.import_module(module), attr)
+    eps = _entry_points()
+    if name in eps:
+        return eps[name].load()
+    raise errors.UnknownHandler(name=name, valid=', '.join(available()))
+
+
+def build_chain(names, context):
+    """Instantiate the handlers of ``template_image_handler``, in order."""
+    if not names:
+        raise errors.ConfigError(reason='template_image_handler is empty; '
+                                 'valid names: %s' % ', '.join(available()))
+    classes = [load(n) for n in names]  # fail on any unknown name first
+    return [cls(context) for cls in classes]

@@ -1,0 +1,1 @@
+"""Who uses a base image: libvirt domains, instance disks, open files."""

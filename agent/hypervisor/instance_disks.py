@@ -1,0 +1,48 @@
+"""Backing chains of disk files, read with ``qemu-img info --backing-chain``."""
+
+import os
+import subprocess
+
+from agent.images import qemu_img
+
+QCOW2_MAGIC = b'QFI\xfb'
+
+
+def is_qcow2(path):
+    try:
+        with open(path, 'rb') as f:
+            return f.read(4) == QCOW2_MAGIC
+    except OSError:
+        return False
+
+
+def backing_chain(path):
+    """Paths of the backing files below ``path`` (top first), [] if none."""
+    if not is_qcow2(path):
+        return []
+    try:
+        records = qemu_img.info(path, fmt='qcow2', backing_chain=True)
+    except (subprocess.CalledProcessError, ValueError):
+        return []
+    chain = []
+    for record in records:
+        backing = record.get('full-backing-filename') or \
+            record.get('backing-filename')
+        if backing:
+            if not os.path.isabs(backing):
+                backing = os.path.join(os.path.dirname(record['filename']),
+                                       backing)
+            chain.append(backing)
+    return chain
+
+
+def instance_disks(instances_path, skip_dirs):
+    """Regular files under ``instances_path``, outside ``skip_dirs``."""
+    skip = {os.path.realpath(d) for d in skip_dirs}
+    for root, dirs, files in os.walk(instances_path):
+        dirs[:] = [d for d in dirs
+                   if os.path.realpath(os.path.join(root, d)) not in skip]
+        for name in files:
+            path = os.path.join(root, name)
+            if os.path.isfile(path) and not os.path.islink(path):
+                yield path

@@ -1,0 +1,98 @@
+"""Decide which base images are in use, and by whom.
+
+A base is in use when a libvirt domain's disk or backing chain, an instance
+disk's backing chain under ``instances_path``, or an open descriptor of any
+process points at it. Paths are compared by what they are, not how they are
+spelled: regular files by (device, inode), block devices by their device
+number, so a symlink into ``_base``, a linked base pointing at ``/dev/loopN``
+and a QEMU holding that device all resolve to the same base.
+"""
+
+import collections
+import dataclasses
+import os
+import stat
+
+from agent import config, errors
+from agent.hypervisor import instance_disks, libvirt_domains, open_files
+
+
+def stat_key(st):
+    if stat.S_ISBLK(st.st_mode):
+        return ('blk', st.st_rdev)
+    if stat.S_ISREG(st.st_mode):
+        return ('file', st.st_dev, st.st_ino)
+    return None
+
+
+def path_key(path):
+    try:
+        return stat_key(os.stat(path))
+    except OSError:
+        return None
+
+
+@dataclasses.dataclass
+class Usage:
+    users: dict                      # base path -> sorted list of users
+    warnings: list = dataclasses.field(default_factory=list)
+
+    def in_use(self, path):
+        return bool(self.users.get(path))
+
+
+class UsageScanner:
+    def __init__(self, conf):
+        self.conf = conf
+
+    def _references(self, warnings, strict):
+        """``(user, path)`` pairs from libvirt and the instance disks."""
+        refs = []
+        uri = self.conf.libvirt.connection_uri
+        if uri:
+            try:
+                for name, path in libvirt_domains.domain_disk_paths(uri):
+                    refs.append(('domain:%s' % name, path))
+                    for backing in instance_disks.backing_chain(path):
+                        refs.append(('domain:%s' % name, backing))
+            except errors.UsageUnknown as exc:
+                if strict:
+                    raise
+                warnings.append(str(exc))
+        skip = [config.base_dir(self.conf), config.lock_dir(self.conf)]
+        if os.path.isdir(self.conf.instances_path):
+            for disk in instance_disks.instance_disks(
+                    self.conf.instances_path, skip):
+                for backing in instance_disks.backing_chain(disk):
+                    refs.append(('disk:%s' % disk, backing))
+        return refs
+
+    def scan(self, base_paths, strict=True):
+        """Users of each of ``base_paths``.
+
+        :param strict: raise UsageUnknown when a source of usage (libvirt)
+            cannot be asked; with False, report it in ``warnings`` instead.
+            Anything that removes bases must scan strictly.
+        """
+        users = collections.defaultdict(set)
+        warnings = []
+        by_key, by_name = {}, {}
+        for base in base_paths:
+            key = path_key(base)
+            if key:
+                by_key[key] = base
+            by_name[os.path.normpath(os.path.abspath(base))] = base
+            by_name[os.path.realpath(base)] = base
+        if base_paths:
+            for user, path in self._references(warnings, strict):
+                base = by_key.get(path_key(path)) or by_name.get(
+                    os.path.normpath(os.path.abspath(path)))
+                if base:
+                    users[base].add(user)
+            for pid, name, key in open_files.open_file_keys(
+                    exclude_pids=(os.getpid(),)):
+                base = by_key.get(key)
+                if base:
+                    users[base].add('process:%d(%s)' % (pid, name))
+        return Usage({b: sorted(users.get(b, ())) for b in base_paths},
+                     warnings)

@@ -1,0 +1,1 @@
+"""Image sources (Glance v2, local catalog), format inspection, conversion."""

@@ -1,0 +1,116 @@
+"""Glance v2 image source: ``GET /v2/images/{id}`` and ``/v2/images/{id}/file``.
+
+Servers in ``[glance] api_servers`` are tried in order; connection errors and
+5xx answers move to the next one and are retried with backoff up to
+``[glance] num_retries`` times. 4xx answers are final.
+"""
+
+import time
+import urllib.parse
+
+import requests
+
+from agent import errors
+from agent.images import meta as image_meta
+from agent.images.sources import DataStream, ImageSource, TransientSourceError
+
+CHUNK_SIZE = 1024 * 1024
+CONNECT_TIMEOUT = 10.0
+
+
+def backoff_delays(retries, base=0.5, cap=8.0):
+    """Delays before each retry: 0.5, 1, 2, 4, 8, 8, ... seconds."""
+    return [min(cap, base * (2 ** n)) for n in range(retries)]
+
+
+class GlanceImageSource(ImageSource):
+    name = 'glance'
+
+    def __init__(self, conf):
+        self.servers = [s.rstrip('/') for s in conf.glance.api_servers]
+        if not self.servers:
+            raise errors.ConfigError(reason='[glance] api_servers is empty')
+        self.num_retries = conf.glance.num_retries
+        self.read_timeout = conf.glance.read_timeout
+        self.session = requests.Session()
+        if conf.glance.auth_token:
+            self.session.headers['X-Auth-Token'] = conf.glance.auth_token
+
+    def _url(self, server, image_id, suffix=''):
+        return '%s/v2/images/%s%s' % (
+            server, urllib.parse.quote(image_id, safe=''), suffix)
+
+    def _request(self, image_id, suffix='', headers=None, stream=False):
+        """One pass over the servers; the first usable answer wins."""
+        reasons = []
+        for server in self.servers:
+            try:
+                resp = self.session.get(
+                    self._url(server, image_id, suffix), headers=headers,
+                    stream=stream,
+                    timeout=(CONNECT_TIMEOUT, self.read_timeout))
+            except requests.RequestException as exc:
+                reasons.append('%s: %s' % (server, exc.__class__.__name__))
+                continue
+            if resp.status_code >= 500:
+                reasons.append('%s: HTTP %d' % (server, resp.status_code))
+                resp.close()
+                continue
+            if resp.status_code == 404:
+                resp.close()
+                raise errors.ImageNotFound(image_id=image_id,
+                                           source='Glance at %s' % server)
+            if resp.status_code in (401, 403):
+                resp.close()
+                raise errors.ImageNotAuthorized(
+                    image_id=image_id, source='Glance at %s' % server,
+                    status=resp.status_code)
+            if resp.status_code >= 400:
+                resp.close()
+                raise errors.SourceUnavailable(
+                    source='Glance at %s' % server,
+                    reason='HTTP %d for image %s' % (resp.status_code,
+                                                     image_id))
+            return resp
+        raise TransientSourceError('; '.join(reasons))
+
+    def get(self, image_id):
+        delays = backoff_delays(self.num_retries)
+        while True:
+            try:
+                resp = self._request(image_id)
+                break
+            except TransientSourceError as exc:
+                if not delays:
+                    raise errors.SourceUnavailable(
+                        source='Glance (%s)' % ', '.join(self.servers),
+                        reason=str(exc))
+                time.sleep(delays.pop(0))
+        try:
+            return image_meta.ImageMeta.from_glance(resp.json())
+        except ValueError as exc:
+            raise errors.SourceUnavailable(
+                source='Glance', reason='malformed image record for %s: %s'
+                % (image_id, exc))
+
+    def open(self, image, offset=0):
+        headers = {'Range': 'bytes=%d-' % offset} if offset else None
+        try:
+            resp = self._request(image.id, '/file', headers=headers,
+                                 stream=True)
+        except errors.SourceUnavailable as exc:
+            raise TransientSourceError(str(exc))
+        if resp.status_code == 204:
+            resp.close()
+            raise errors.ImageNotActive(image_id=image.id, status='empty')
+        served = offset if resp.status_code == 206 else 0
+
+        def chunks():
+            try:
+                for chunk in resp.raw.stream(CHUNK_SIZE,
+                                             decode_content=False):
+                    yield chunk
+            except Exception as exc:  # urllib3 and socket errors alike
+                raise TransientSourceError(
+                    'stream from Glance broke: %s' % exc) from exc
+        return DataStream(chunks(), served, resp.close)

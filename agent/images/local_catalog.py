@@ -1,0 +1,138 @@
+"""The embedded local catalog: a directory of images with Glance-v2 records.
+
+``<id>.json`` holds the image record (as ``GET /v2/images/{id}`` answers),
+``<id>.data`` the bits. ``import_image`` computes what Glance would: size,
+virtual size, md5 ``checksum`` and sha512 ``os_hash_value``, and refuses a
+file whose content does not match the claimed ``disk_format``.
+"""
+
+import datetime
+import hashlib
+import json
+import os
+
+from agent import errors, naming
+from agent.images import inspection
+from agent.images.meta import ImageMeta
+from agent.images.sources import DataStream, ImageSource
+
+CHUNK_SIZE = 1024 * 1024
+
+
+def utcnow_iso():
+    return datetime.datetime.now(datetime.timezone.utc).strftime(
+        '%Y-%m-%dT%H:%M:%SZ')
+
+
+class LocalCatalog(ImageSource):
+    name = 'local'
+
+    def __init__(self, path):
+        self.path = path
+
+    def _paths(self, image_id):
+        naming.validate_image_id(image_id)
+        return (os.path.join(self.path, image_id + '.json'),
+                os.path.join(self.path, image_id + '.data'))
+
+    def get(self, image_id):
+        meta_path, _ = self._paths(image_id)
+        try:
+            with open(meta_path, encoding='utf-8') as f:
+                record = json.load(f)
+        except FileNotFoundError:
+            raise errors.ImageNotFound(image_id=image_id,
+                                       source='local catalog %s' % self.path)
+        except (OSError, ValueError) as exc:
+            raise errors.SourceUnavailable(
+                source='local catalog %s' % self.path,
+                reason='cannot read %s: %s' % (meta_path, exc))
+        try:
+            image = ImageMeta.from_glance(record)
+        except ValueError as exc:
+            raise errors.SourceUnavailable(
+                source='local catalog %s' % self.path,
+                reason='malformed record %s: %s' % (meta_path, exc))
+        if image.id != image_id:
+            raise errors.SourceUnavailable(
+                source='local catalog %s' % self.path,
+                reason='%s describes image %r' % (meta_path, image.id))
+        return image
+
+    def list(self):
+        images = []
+        if not os.path.isdir(self.path):
+            return images
+        for name in sorted(os.listdir(self.path)):
+            if name.endswith('.json'):
+                try:
+                    images.append(self.get(name[:-5]))
+                except errors.AgentError:
+                    continue
+        return images
+
+    def data_path(self, image_id):
+        return self._paths(image_id)[1]
+
+    def open(self, image, offset=0):
+        f = open(self.data_path(image.id), 'rb')
+        f.seek(offset)
+
+        def chunks():
+            while True:
+                chunk = f.read(CHUNK_SIZE)
+                if not chunk:
+                    return
+                yield chunk
+        return DataStream(chunks(), offset, f.close)
+
+    def import_image(self, file_path, image_id, name=None, disk_format=None,
+                     visibility='shared', owner=None, container_format='bare',
+                     properties=None):
+        """Copy ``file_path`` into the catalog; return its ``ImageMeta``."""
+        meta_path, data_path = self._paths(image_id)
+        if not os.path.isfile(file_path):
+            raise errors.AgentError('%s is not a file' % file_path)
+        detected = inspection.inspect_file(file_path)
+        if disk_format is None:
+            disk_format = inspection.glance_format(detected)
+        inspection.check_image(detected, disk_format, image_id)
+        os.makedirs(self.path, exist_ok=True)
+        md5, sha512 = hashlib.md5(), hashlib.sha512()
+        tmp = data_path + '.part'
+        size = 0
+        try:
+            with open(file_path, 'rb') as src, open(tmp, 'wb') as dst:
+                while True:
+                    chunk = src.read(CHUNK_SIZE)
+                    if not chunk:
+                        break
+                    md5.update(chunk)
+                    sha512.update(chunk)
+                    dst.write(chunk)
+                    size += len(chunk)
+                dst.flush()
+                os.fsync(dst.fileno())
+            now = utcnow_iso()
+            image = ImageMeta(
+                id=image_id, name=name or os.path.basename(file_path),
+                status='active', disk_format=disk_format,
+                container_format=container_format, size=size,
+                virtual_size=size if inspection.qemu_format(detected) == 'raw'
+                else detected.virtual_size, checksum=md5.hexdigest(),
+                os_hash_algo='sha512', os_hash_value=sha512.hexdigest(),
+                owner=owner, visibility=visibility, created_at=now,
+                updated_at=now, properties=dict(properties or {}))
+            os.replace(tmp, data_path)
+            meta_tmp = meta_path + '.part'
+            with open(meta_tmp, 'w', encoding='utf-8') as f:
+                json.dump(image.to_glance(), f, indent=2, sort_keys=True)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(meta_tmp, meta_path)
+        except BaseException:
+            for path in (tmp, meta_path + '.part'):
+                if os.path.exists(path):
+                    os.unlink(path)
+            raise
+        return image
