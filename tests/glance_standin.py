@@ -1,0 +1,175 @@
+"""A stand-in for the Glance v2 API subset the agent uses, on loopback.
+
+Not Glance: a small threaded HTTP server that answers
+``GET /v2/images/{id}`` (the image record) and ``GET /v2/images/{id}/file``
+(the bits, with Range support, answering HEAD with 405 as Glance does), and
+can misbehave on purpose: fail with a status, stall, or cut a stream short.
+It counts the data requests per image so tests can assert "one download".
+Used by the tests and by ``bench/download.py``.
+"""
+
+import hashlib
+import http.server
+import json
+import os
+import re
+import socket
+import threading
+import time
+import uuid
+
+_RANGE = re.compile(r'^bytes=(\d+)-$')
+
+
+def image_record(image_id, path, disk_format='raw', virtual_size=None,
+                 owner=None, visibility='shared', updated_at=None, **extra):
+    """A Glance-v2-shaped record for the file at ``path``, hashed as Glance
+    does (md5 ``checksum``, sha512 multihash)."""
+    md5, sha512 = hashlib.md5(), hashlib.sha512()
+    with open(path, 'rb') as f:
+        for chunk in iter(lambda: f.read(1 << 20), b''):
+            md5.update(chunk)
+            sha512.update(chunk)
+    record = {
+        'id': image_id, 'name': image_id, 'status': 'active',
+        'disk_format': disk_format, 'container_format': 'bare',
+        'size': os.path.getsize(path), 'virtual_size': virtual_size,
+        'checksum': md5.hexdigest(), 'os_hash_algo': 'sha512',
+        'os_hash_value': sha512.hexdigest(), 'owner': owner,
+        'visibility': visibility,
+        'created_at': '2026-01-01T00:00:00Z',
+        'updated_at': updated_at or '2026-01-01T00:00:00Z',
+    }
+    record.update(extra)
+    return record
+
+
+class GlanceStandIn:
+    def __init__(self):
+        self.images = {}      # id -> (record, data path)
+        self.faults = {}      # id -> dict, see fail()
+        self.data_requests = {}
+        self._lock = threading.Lock()
+        standin = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = 'HTTP/1.1'
+
+            def log_message(self, *args):
+                pass
+
+            def do_HEAD(self):
+                self.send_response(405)
+                self.send_header('Content-Length', '0')
+                self.end_headers()
+
+            def do_GET(self):
+                standin._serve(self)
+
+        self.server = http.server.ThreadingHTTPServer(('127.0.0.1', 0),
+                                                      Handler)
+        self.server.daemon_threads = True
+        self.url = 'http://127.0.0.1:%d' % self.server.server_port
+        self._thread = threading.Thread(target=self.server.serve_forever,
+                                        daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+
+    def add(self, image_id=None, path=None, **record_fields):
+        image_id = image_id or str(uuid.uuid4())
+        self.images[image_id] = (image_record(image_id, path,
+                                              **record_fields), path)
+        return self.images[image_id][0]
+
+    def fail(self, image_id, status=None, times=None, stall_after=None,
+             truncate_after=None, stall_seconds=30):
+        """Misbehave on ``/file`` of ``image_id``: answer ``status``, or
+        stall after ``stall_after`` bytes, or close after ``truncate_after``
+        bytes; for the next ``times`` requests (None = always)."""
+        self.faults[image_id] = dict(status=status, times=times,
+                                     stall_after=stall_after,
+                                     truncate_after=truncate_after,
+                                     stall_seconds=stall_seconds)
+
+    def downloads(self, image_id):
+        return self.data_requests.get(image_id, 0)
+
+    def _take_fault(self, image_id):
+        with self._lock:
+            fault = self.faults.get(image_id)
+            if not fault:
+                return None
+            if fault['times'] is not None:
+                if fault['times'] <= 0:
+                    return None
+                fault['times'] -= 1
+            return fault
+
+    def _serve(self, req):
+        parts = req.path.split('?')[0].strip('/').split('/')
+        if len(parts) < 3 or parts[:2] != ['v2', 'images']:
+            return self._reply(req, 404, b'{"message": "not found"}')
+        image_id = parts[2]
+        if image_id not in self.images:
+            return self._reply(req, 404, b'{"message": "no such image"}')
+        record, path = self.images[image_id]
+        if len(parts) == 3:
+            return self._reply(req, 200, json.dumps(record).encode())
+        if len(parts) != 4 or parts[3] != 'file':
+            return self._reply(req, 404, b'{"message": "not found"}')
+        with self._lock:
+            self.data_requests[image_id] = \
+                self.data_requests.get(image_id, 0) + 1
+        fault = self._take_fault(image_id)
+        if fault and fault['status']:
+            return self._reply(req, fault['status'], b'{"message": "fault"}')
+        size = os.path.getsize(path)
+        start = 0
+        m = _RANGE.match(req.headers.get('Range', ''))
+        if m and int(m.group(1)) < size:
+            start = int(m.group(1))
+            req.send_response(206)
+            req.send_header('Content-Range', 'bytes %d-%d/%d'
+                            % (start, size - 1, size))
+        else:
+            req.send_response(200)
+        req.send_header('Content-Type', 'application/octet-stream')
+        req.send_header('Content-Length', str(size - start))
+        req.end_headers()
+        limit = size
+        if fault and fault['truncate_after'] is not None:
+            limit = min(size, start + fault['truncate_after'])
+        if fault and fault['stall_after'] is not None:
+            limit = min(size, start + fault['stall_after'])
+        try:
+            with open(path, 'rb') as f:
+                offset = start
+                while offset < limit:
+                    sent = os.sendfile(req.connection.fileno(), f.fileno(),
+                                       offset, min(limit - offset, 1 << 22))
+                    if sent == 0:
+                        break
+                    offset += sent
+            if fault and fault['stall_after'] is not None:
+                time.sleep(fault['stall_seconds'])
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        if limit < size:
+            req.close_connection = True
+            try:
+                req.connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def _reply(self, req, status, body):
+        req.send_response(status)
+        req.send_header('Content-Type', 'application/json')
+        req.send_header('Content-Length', str(len(body)))
+        req.end_headers()
+        req.wfile.write(body)
