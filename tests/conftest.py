@@ -54,9 +54,10 @@ def image_files(tmp_path_factory):
 class AgentEnv:
     """A private instances_path, state_path and config file."""
 
-    def __init__(self, root, **sections):
+    def __init__(self, root, instances=None, **sections):
         self.root = str(root)
-        self.instances = os.path.join(self.root, 'instances')
+        os.makedirs(self.root, exist_ok=True)
+        self.instances = instances or os.path.join(self.root, 'instances')
         self.state = os.path.join(self.root, 'state')
         self.base_dir = os.path.join(self.instances, '_base')
         self.conf_path = os.path.join(self.root, 'agent.conf')

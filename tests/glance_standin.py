@@ -90,8 +90,9 @@ class GlanceStandIn:
     def fail(self, image_id, status=None, times=None, stall_after=None,
              truncate_after=None, stall_seconds=30):
         """Misbehave on ``/file`` of ``image_id``: answer ``status``, or
-        stall after ``stall_after`` bytes, or close after ``truncate_after``
-        bytes; for the next ``times`` requests (None = always)."""
+        pause ``stall_seconds`` after ``stall_after`` bytes (then go on), or
+        close after ``truncate_after`` bytes; for the next ``times``
+        requests (None = always)."""
         self.faults[image_id] = dict(status=status, times=times,
                                      stall_after=stall_after,
                                      truncate_after=truncate_after,
@@ -145,21 +146,26 @@ class GlanceStandIn:
         limit = size
         if fault and fault['truncate_after'] is not None:
             limit = min(size, start + fault['truncate_after'])
+        stall_at = None
         if fault and fault['stall_after'] is not None:
-            limit = min(size, start + fault['stall_after'])
+            stall_at = start + fault['stall_after']
         try:
             with open(path, 'rb') as f:
                 offset = start
                 while offset < limit:
+                    end = limit if stall_at is None or offset >= stall_at \
+                        else min(limit, stall_at)
+                    if offset == stall_at:
+                        time.sleep(fault['stall_seconds'])
+                        stall_at = None
+                        continue
                     sent = os.sendfile(req.connection.fileno(), f.fileno(),
-                                       offset, min(limit - offset, 1 << 22))
+                                       offset, min(end - offset, 1 << 22))
                     if sent == 0:
                         break
                     offset += sent
-            if fault and fault['stall_after'] is not None:
-                time.sleep(fault['stall_seconds'])
         except (BrokenPipeError, ConnectionResetError):
-            pass
+            return
         if limit < size:
             req.close_connection = True
             try:

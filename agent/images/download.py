@@ -136,6 +136,10 @@ def download(source, image, dest, retries=3, progress=None):
                         hasher.update(chunk)
                     _pwrite_sparse(fd, chunk, offset)
                     offset += len(chunk)
+                    if image.size is not None and offset > image.size:
+                        raise errors.ImageUnacceptable(
+                            image_id=image.id, reason='the source sent more '
+                            'than the %d bytes its metadata says' % image.size)
                     if progress:
                         progress(offset, image.size)
             except _SourceRestarted:
