@@ -17,11 +17,20 @@ LOG = logging.getLogger(__name__)
 
 
 def base_names(base_dir):
-    """Names in ``base_dir`` that are base images (sha1 or sha1_size)."""
+    """Names in ``base_dir`` that are base images (sha1 or sha1_size).
+
+    A real directory is never a base, whatever its name: it is left alone
+    (a symlink is a base, whatever it points at; removal only unlinks it).
+    """
     if not os.path.isdir(base_dir):
         return []
     return sorted(n for n in os.listdir(base_dir)
-                  if naming.parse_base_filename(n))
+                  if naming.parse_base_filename(n) and not
+                  _is_real_dir(os.path.join(base_dir, n)))
+
+
+def _is_real_dir(path):
+    return os.path.isdir(path) and not os.path.islink(path)
 
 
 def min_age_for(conf, filename, override=None):

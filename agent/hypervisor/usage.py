@@ -76,23 +76,25 @@ class UsageScanner:
         """
         users = collections.defaultdict(set)
         warnings = []
-        by_key, by_name = {}, {}
+        # several names can be one base (hard links, two links to one
+        # device): every name of what a user points at is in use
+        by_key = collections.defaultdict(list)
+        by_name = collections.defaultdict(list)
         for base in base_paths:
             key = path_key(base)
             if key:
-                by_key[key] = base
-            by_name[os.path.normpath(os.path.abspath(base))] = base
-            by_name[os.path.realpath(base)] = base
+                by_key[key].append(base)
+            by_name[os.path.normpath(os.path.abspath(base))].append(base)
+            by_name[os.path.realpath(base)].append(base)
         if base_paths:
             for user, path in self._references(warnings, strict):
-                base = by_key.get(path_key(path)) or by_name.get(
-                    os.path.normpath(os.path.abspath(path)))
-                if base:
+                bases = by_key.get(path_key(path)) or by_name.get(
+                    os.path.normpath(os.path.abspath(path)), ())
+                for base in bases:
                     users[base].add(user)
             for pid, name, key in open_files.open_file_keys(
                     exclude_pids=(os.getpid(),)):
-                base = by_key.get(key)
-                if base:
+                for base in by_key.get(key, ()):
                     users[base].add('process:%d(%s)' % (pid, name))
         return Usage({b: sorted(users.get(b, ())) for b in base_paths},
                      warnings)

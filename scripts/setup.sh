@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Install what the agent and its tests need on a Debian machine (as root),
+# and the project itself into ./.venv. Safe to run again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(qemu-utils libvirt-dev pkg-config gcc python3-venv python3-dev
+              util-linux fdisk e2fsprogs xfsprogs curl time)
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" \
+        || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "setup: installing ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    "$PYTHON" -m venv .venv
+fi
+.venv/bin/pip install -q --disable-pip-version-check -e '.[test]' \
+    > .venv/pip-install.log 2>&1 || { cat .venv/pip-install.log; exit 1; }
+echo "setup: ready (.venv/bin/template-agent)"
