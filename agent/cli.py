@@ -129,12 +129,11 @@ def images():
 def _local_catalog(ctx):
     from agent import errors
     from agent.images.local_catalog import LocalCatalog
-    if ctx.conf.image_source.driver != 'local':
+    if not isinstance(ctx.agent.source, LocalCatalog):
         raise errors.ConfigError(
             reason='the local catalog is not in use ([image_source] driver '
-            '= %s); upload images to Glance instead'
-            % ctx.conf.image_source.driver)
-    return LocalCatalog(ctx.conf.image_source.local_path)
+            '= %s)' % ctx.conf.image_source.driver)
+    return ctx.agent.source
 
 
 @images.command('import')
@@ -147,22 +146,27 @@ def _local_catalog(ctx):
               type=click.Choice(['public', 'private', 'shared',
                                  'community']))
 @click.option('--owner', help='Owning project id.')
+@click.option('--volume-backed', is_flag=True,
+              help='Store the bits in a new backend volume and give the '
+              'image a cinder:// location, as Glance\'s cinder store (raw '
+              'only).')
 @FORMAT
 @pass_ctx
 def images_import(ctx, file, image_id, name, disk_format, visibility, owner,
-                  fmt):
+                  volume_backed, fmt):
     """Add FILE to the local catalog as image --id."""
     with handle_errors(ctx):
-        image = _local_catalog(ctx).import_image(
-            file, image_id, name=name, disk_format=disk_format,
-            visibility=visibility, owner=owner)
+        image = ctx.agent.import_image(
+            file, image_id, volume_backed=volume_backed, name=name,
+            disk_format=disk_format, visibility=visibility, owner=owner)
         record = image.to_glance()
         if fmt == 'json':
             print_json(record)
         else:
-            click.echo('imported %s: %s, %s, virtual %s, sha512 %s...' % (
+            click.echo('imported %s: %s, %s, virtual %s, sha512 %s...%s' % (
                 image.id, image.disk_format, human_bytes(image.size),
-                human_bytes(image.virtual_size), image.os_hash_value[:16]))
+                human_bytes(image.virtual_size), image.os_hash_value[:16],
+                ''.join(' at ' + u for u in image.locations)))
 
 
 @images.command('list')
@@ -338,6 +342,124 @@ def init(ctx, fmt):
                       len(report['dropped'])))
         for name, result in report['handlers'].items():
             click.echo('handler %s: %s' % (name, json.dumps(result)))
+
+
+# -- block storage side --------------------------------------------------------
+@main.group()
+def volume():
+    """Volumes of the volume backend (block storage side)."""
+
+
+@volume.command('create')
+@click.option('--image', 'image_id', required=True, help='Image to hold.')
+@click.option('--size', 'size_gb', type=click.IntRange(min=1), required=True,
+              help='Size in GiB.')
+@click.option('--project-id', help='Requesting project (sharing rules).')
+@pass_ctx
+def volume_create(ctx, image_id, size_gb, project_id):
+    """Create a volume from an image: a copy-on-write clone of its cached
+    template. Prints the new volume id."""
+    with handle_errors(ctx):
+        with _progress_bar('caching %s' % image_id) as progress:
+            click.echo(ctx.agent.create_volume(image_id, size_gb,
+                                               project_id=project_id,
+                                               progress=progress))
+
+
+@volume.command('list')
+@FORMAT
+@pass_ctx
+def volume_list(ctx, fmt):
+    """List the backend's volumes (templates included)."""
+    with handle_errors(ctx):
+        rows = ctx.agent.list_volumes()
+        if fmt == 'json':
+            print_json(rows)
+            return
+        print_table(rows, [
+            ('VOLUME', lambda r: r['id']),
+            ('KIND', lambda r: r['metadata'].get('kind', '-')),
+            ('IMAGE', lambda r: r['metadata'].get('image_id') or '-'),
+            ('SIZE', lambda r: human_bytes(r['size_bytes'])),
+            ('SOURCE', lambda r: r['metadata'].get('source_volume') or '-')])
+
+
+@volume.command('delete')
+@click.argument('volume_id')
+@pass_ctx
+def volume_delete(ctx, volume_id):
+    """Delete a volume (not a cache template: use cache evict)."""
+    with handle_errors(ctx):
+        ctx.agent.delete_volume(volume_id)
+        click.echo('deleted %s' % volume_id)
+
+
+@main.group()
+def cache():
+    """The image-volume cache (template volumes shared with block storage)."""
+
+
+@cache.command('list')
+@FORMAT
+@pass_ctx
+def cache_list(ctx, fmt):
+    """List cache entries with holders and freshness."""
+    with handle_errors(ctx):
+        rows = ctx.agent.cache_list()
+        if fmt == 'json':
+            print_json(rows)
+            return
+        print_table(rows, [
+            ('IMAGE', lambda r: r['image_id']),
+            ('VOLUME', lambda r: r['volume_id']),
+            ('SIZE', lambda r: human_bytes(r['size_bytes'])),
+            ('STATE', lambda r: r['state']),
+            ('IMAGE UPDATED', lambda r: r['image_updated_at'] or '-'),
+            ('LAST USED', lambda r: human_time(r['last_used'])),
+            ('HOLDERS', lambda r: ','.join(r['holders']) or '-')])
+
+
+@cache.command('evict')
+@click.argument('image_id')
+@pass_ctx
+def cache_evict(ctx, image_id):
+    """Evict the cache entry of IMAGE_ID; refused while it is held."""
+    with handle_errors(ctx):
+        for volume_id in ctx.agent.cache_evict(image_id):
+            click.echo('evicted %s (volume %s)' % (image_id, volume_id))
+
+
+@main.command()
+@FORMAT
+@pass_ctx
+def status(ctx, fmt):
+    """Handlers, volume backend capabilities, cache counts."""
+    with handle_errors(ctx):
+        info = ctx.agent.status()
+        if fmt == 'json':
+            print_json(info)
+            return
+        click.echo('handlers:        %s' % ','.join(info['handlers']))
+        click.echo('image source:    %s' % info['image_source'])
+        click.echo('base images:     %d in %s' % (info['base_images'],
+                                                  info['base_dir']))
+        backend = info['volume_backend']
+        if not backend.get('available', True) or 'backend' not in backend:
+            click.echo('volume backend:  unavailable: %s'
+                       % backend.get('reason'))
+            return
+        click.echo('volume backend:  %s at %s, clone by %s (reflink: %s)'
+                   % (backend['backend'], backend.get('path'),
+                      backend['clone'], 'yes' if backend['reflink']
+                      else 'no'))
+        click.echo('volumes:         %d' % info['volumes'])
+        c = info['image_volume_cache']
+        click.echo('image cache:     %s, %d entries (%s), %d held, %d stale; '
+                   'hits %d, misses %d, evictions %d' % (
+                       'enabled' if c['enabled'] else 'disabled',
+                       c['entries'], human_bytes(c['bytes']), c['held'],
+                       c['stale'], c['events']['hit'], c['events']['miss'],
+                       c['events']['evict']))
 
 
 if __name__ == '__main__':

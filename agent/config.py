@@ -210,6 +210,78 @@ Possible values:
 ]
 
 
+VOLUME_LINKING_OPTS = [
+    cfg.StrOpt(
+        'backend',
+        default='local',
+        choices=[('local', 'sparse files exported as loop devices, in '
+                  '[local_volumes] path'),
+                 ('rbd', 'Ceph RBD images (not available in this version)')],
+        help="""
+Volume backend that holds template volumes and the volumes cloned from them.
+
+Related options:
+
+* ``template_image_handler``: include ``volume_linking`` to use it
+"""),
+]
+
+LOCAL_VOLUMES_OPTS = [
+    cfg.StrOpt(
+        'path',
+        default='$state_path/volumes',
+        help="""
+Directory of the local volume backend: one sparse raw file per volume.
+Put it on XFS (reflink=1) or btrfs so volumes are copy-on-write clones of
+their template; elsewhere clones are sparse copies.
+"""),
+]
+
+IMAGE_VOLUME_CACHE_OPTS = [
+    cfg.BoolOpt(
+        'enabled',
+        default=True,
+        help="""
+Keep one template volume per image, shared by the links in ``_base`` and the
+volumes created from the image, as Cinder's image-volume cache.
+"""),
+    cfg.IntOpt(
+        'max_size_gb',
+        default=0,
+        min=0,
+        help="""
+Largest total size, in GiB, of the cached template volumes; least recently
+used entries that nothing holds are evicted to make room.
+
+Possible values:
+
+* 0: unlimited
+* a positive integer
+
+Related options:
+
+* ``max_count``: each limit works alone or together with the other
+"""),
+    cfg.IntOpt(
+        'max_count',
+        default=0,
+        min=0,
+        help="""
+Largest number of cached template volumes; least recently used entries that
+nothing holds are evicted to make room.
+
+Possible values:
+
+* 0: unlimited
+* a positive integer
+
+Related options:
+
+* ``max_size_gb``
+"""),
+]
+
+
 def list_opts():
     """Options for oslo-config-generator (namespace ``template_agent``)."""
     return [
@@ -218,6 +290,9 @@ def list_opts():
         ('image_source', IMAGE_SOURCE_OPTS),
         ('glance', GLANCE_OPTS),
         ('libvirt', LIBVIRT_OPTS),
+        ('volume_linking', VOLUME_LINKING_OPTS),
+        ('local_volumes', LOCAL_VOLUMES_OPTS),
+        ('image_volume_cache', IMAGE_VOLUME_CACHE_OPTS),
     ]
 
 

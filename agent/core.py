@@ -6,9 +6,11 @@ each base, and answers who uses what. Everything that removes a base checks
 usage strictly, under the base's lock, right before removing it.
 """
 
+import functools
 import logging
 import os
 import time
+import uuid
 
 from agent import config, errors, locks, naming
 from agent.cache import manager
@@ -47,7 +49,9 @@ class TemplateAgent:
     @property
     def source(self):
         if self._source is None:
-            self._source = sources.from_config(self.conf)
+            self._source = sources.from_config(
+                self.conf, lambda volume_id:
+                self.context.volume_backend.open_volume(volume_id))
         return self._source
 
     @property
@@ -56,16 +60,21 @@ class TemplateAgent:
             self._index = BaseImageIndex(self.conf.state_path)
         return self._index
 
+    @functools.cached_property
+    def context(self):
+        return HandlerContext(conf=self.conf, source=self.source,
+                              index=self.index, base_dir=self.base_dir)
+
     def handler(self, name):
         if name not in self._handlers:
-            context = HandlerContext(conf=self.conf, source=self.source,
-                                     index=self.index, base_dir=self.base_dir)
-            self._handlers[name] = registry.load(name)(context)
+            self._handlers[name] = registry.load(name)(self.context)
         return self._handlers[name]
 
     def close(self):
         if self._index is not None:
             self._index.close()
+        if 'image_volume_cache' in self.context.__dict__:
+            self.context.image_volume_cache.close()
 
     def _ensure_dirs(self):
         os.makedirs(self.base_dir, exist_ok=True)
@@ -89,6 +98,12 @@ class TemplateAgent:
             registry.load(name)
         self._ensure_dirs()
         with self.lock(filename):
+            if os.path.islink(path) and not os.path.exists(path):
+                # a link whose device is gone (e.g. after a reboot, before
+                # init): undo it through its handler and prepare anew
+                entry = self.index.get(filename) or self._adopt(filename)
+                self.handler(entry.handler).remove_image(entry, path)
+                self.index.delete(filename)
             if os.path.lexists(path):
                 entry = self.index.get(filename) or self._adopt(filename)
                 if entry.image_id is None:
@@ -118,6 +133,7 @@ class TemplateAgent:
                     reasons.append('%s: %s' % (name, exc))
                     continue
                 os.utime(path, follow_symlinks=False)
+                entry.created = entry.last_used = time.time()
                 self.index.put(entry)
                 LOG.info('prepared base %s for image %s with handler %s',
                          path, image_id, name)
@@ -244,7 +260,150 @@ class TemplateAgent:
         return info
 
     def prune(self, dry_run=False, min_age=None):
-        return manager.run_pass(self, dry_run=dry_run, min_age=min_age)
+        report = manager.run_pass(self, dry_run=dry_run, min_age=min_age)
+        if not dry_run and self._uses_volumes():
+            cache = self.context.image_volume_cache
+            report['cache_retired'] = cache.refresh(self.source)
+            report['cache_evicted'] = [
+                e.image_id for e in cache.enforce_limits()]
+        return report
+
+    # -- volumes and the image-volume cache ---------------------------------
+    def _uses_volumes(self):
+        return 'volume_linking' in self.chain_names or os.path.isdir(
+            os.path.join(self.conf.state_path, 'image-volume-cache'))
+
+    def create_volume(self, image_id, size_gb, project_id=None,
+                      progress=None):
+        """A volume of ``size_gb`` GiB holding the image: a copy-on-write
+        clone of its template in the image-volume cache (made on a miss), or,
+        when the cache may not serve it, a volume written directly."""
+        naming.validate_image_id(image_id)
+        if not isinstance(size_gb, int) or size_gb <= 0:
+            raise errors.AgentError('volume size must be a positive number '
+                                    'of GiB, not %r' % (size_gb,))
+        image = self.source.get(image_id)
+        if image.status != 'active':
+            raise errors.ImageNotActive(image_id=image_id,
+                                        status=image.status)
+        backend = self.context.volume_backend
+        cache = self.context.image_volume_cache
+        size = size_gb * 1024 ** 3
+        metadata = {'kind': 'volume', 'image_id': image_id,
+                    'project_id': project_id}
+        if cache.allowed(image, project_id)[0]:
+            holder = 'clone:%s' % uuid.uuid4()
+            entry = cache.acquire(image, self.source, holder,
+                                  project_id=project_id, progress=progress)
+            try:
+                self._check_volume_size(image_id, size, entry.size_bytes)
+                return backend.clone(entry.volume_id, size, metadata)
+            finally:
+                cache.release(entry, holder)
+        return self._write_new_volume(image, size, metadata, progress)
+
+    @staticmethod
+    def _check_volume_size(image_id, size, needed):
+        if size < needed:
+            raise errors.AgentError(
+                'a %d GiB volume is too small for image %s, whose virtual '
+                'size is %d bytes' % (size // 1024 ** 3, image_id, needed))
+
+    def _write_new_volume(self, image, size, metadata, progress):
+        from agent.images import download
+        backend = self.context.volume_backend
+        tmp = os.path.join(self.conf.state_path, 'tmp-%s.part' % uuid.uuid4())
+        volume_id = None
+        try:
+            _, virtual_size, fmt = download.download_verified(
+                self.source, image, tmp, retries=self.conf.glance.num_retries,
+                max_virtual_size=self.conf.max_image_virtual_size_gb
+                * 1024 ** 3, progress=progress)
+            self._check_volume_size(image.id, size, virtual_size)
+            volume_id = backend.create(size, metadata)
+            backend.write_image(volume_id, tmp, fmt)
+            return volume_id
+        except BaseException:
+            if volume_id:
+                backend.delete(volume_id)
+            raise
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    def import_image(self, file_path, image_id, volume_backed=False,
+                     **fields):
+        """Add a file to the local catalog (``images import``); with
+        ``volume_backed``, into a new backend volume with a ``cinder://``
+        location instead."""
+        from agent.images.local_catalog import LocalCatalog
+        if not isinstance(self.source, LocalCatalog):
+            raise errors.ConfigError(
+                reason='the local catalog is not in use ([image_source] '
+                'driver = %s); upload images to Glance instead'
+                % self.conf.image_source.driver)
+        writer = None
+        if volume_backed:
+            backend = self.context.volume_backend
+
+            def writer(path, size):
+                volume_id = backend.create(size, {'kind': 'image',
+                                                  'image_id': image_id})
+                try:
+                    backend.write_image(volume_id, path, 'raw')
+                except BaseException:
+                    backend.delete(volume_id)
+                    raise
+                return volume_id
+        return self.source.import_image(file_path, image_id,
+                                        volume_writer=writer, **fields)
+
+    def list_volumes(self):
+        return [v.to_dict() for v in self.context.volume_backend.list()]
+
+    def delete_volume(self, volume_id):
+        backend = self.context.volume_backend
+        volume = backend.get(volume_id)
+        if volume.metadata.get('kind') == 'template':
+            raise errors.AgentError(
+                'volume %s is the image-volume cache template of image %s; '
+                'use cache evict instead' % (volume_id,
+                                             volume.metadata.get('image_id')))
+        backend.delete(volume_id)
+        return volume.to_dict()
+
+    def cache_list(self):
+        return [dict(e.to_dict(), holders=sorted(e.holders))
+                for e in self.context.image_volume_cache.entries()]
+
+    def cache_evict(self, image_id):
+        naming.validate_image_id(image_id)
+        return self.context.image_volume_cache.evict(image_id)
+
+    def status(self):
+        status = {'handlers': self.chain_names,
+                  'image_source': self.conf.image_source.driver,
+                  'base_dir': self.base_dir,
+                  'base_images': len(manager.base_names(self.base_dir))}
+        try:
+            backend = self.context.volume_backend
+            status['volume_backend'] = backend.capabilities()
+            status['volumes'] = len(backend.list())
+            cache = self.context.image_volume_cache
+            entries = cache.entries()
+            status['image_volume_cache'] = {
+                'enabled': self.conf.image_volume_cache.enabled,
+                'entries': len(entries),
+                'bytes': sum(e.size_bytes for e in entries),
+                'held': sum(1 for e in entries if e.holders),
+                'stale': sum(1 for e in entries if e.state == 'stale'),
+                'max_size_gb': self.conf.image_volume_cache.max_size_gb,
+                'max_count': self.conf.image_volume_cache.max_count,
+                'events': cache.counters()}
+        except errors.BackendUnavailable as exc:
+            status['volume_backend'] = {'available': False,
+                                        'reason': str(exc)}
+        return status
 
     # -- restart ------------------------------------------------------------
     def init(self):

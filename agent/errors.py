@@ -116,3 +116,26 @@ class NoHandlerSucceeded(AgentError):
 class ConversionFailed(AgentError):
     message = ("qemu-img could not convert image %(image_id)s: %(reason)s")
     falls_through = False
+
+
+class VolumeNotFound(AgentError):
+    message = "Volume %(volume_id)s not found in the %(backend)s backend."
+
+
+class VolumeTooSmall(AgentError):
+    message = ("Volume %(volume_id)s has %(size)d bytes, too small for image "
+               "%(image_id)s (%(needed)d bytes).")
+
+
+class BackendUnavailable(AgentError):
+    message = "Volume backend %(backend)s cannot work on this host: %(reason)s"
+
+
+class CacheEntryHeld(AgentError):
+    message = ("Image-volume cache entry of image %(image_id)s is held by "
+               "%(holders)s; it is not evicted.")
+
+
+class CacheEntryNotFound(AgentError):
+    message = "No image-volume cache entry for image %(image_id)s."
+    falls_through = False

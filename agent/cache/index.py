@@ -29,7 +29,10 @@ class BaseImage:
     created: float = None
     last_used: float = None
     adopted: bool = False
-    target: str = None
+    target: str = None          # the device a linked base points to
+    volume_id: str = None       # the volume a linked base comes from
+    backend: str = None         # that volume's backend
+    origin: str = None          # 'location' or 'cache' for linked bases
 
     def to_dict(self):
         return dataclasses.asdict(self)

@@ -22,16 +22,29 @@ the next handler serve.
 """
 
 import abc
-import dataclasses
+import functools
 
 
-@dataclasses.dataclass
 class HandlerContext:
-    """What a handler gets from the agent core."""
-    conf: object        # oslo.config ConfigOpts
-    source: object      # agent.images.sources.ImageSource
-    index: object       # agent.cache.index.BaseImageIndex
-    base_dir: str       # $instances_path/_base
+    """What a handler gets from the agent core; the volume backend and the
+    image-volume cache are built on first use, once per agent."""
+
+    def __init__(self, conf, source, index, base_dir):
+        self.conf = conf            # oslo.config ConfigOpts
+        self.source = source        # agent.images.sources.ImageSource
+        self.index = index          # agent.cache.index.BaseImageIndex
+        self.base_dir = base_dir    # $instances_path/_base
+
+    @functools.cached_property
+    def volume_backend(self):
+        """The ``[volume_linking] backend``; BackendUnavailable if none."""
+        from agent import volumes
+        return volumes.from_config(self.conf)
+
+    @functools.cached_property
+    def image_volume_cache(self):
+        from agent.cache.image_volume_cache import ImageVolumeCache
+        return ImageVolumeCache(self.conf, self.volume_backend)
 
 
 class BaseTemplateImageHandler(abc.ABC):

@@ -8,7 +8,6 @@ other's leftovers under the shared lock.
 """
 
 import os
-import time
 
 import psutil
 
@@ -69,12 +68,10 @@ class DownloadingTemplateImageHandler(BaseTemplateImageHandler):
         for leftover in (part, converted):
             unlink_quietly(leftover)
         try:
-            result = download.download(
+            result, virtual_size, fmt = download.download_verified(
                 self.context.source, image, part,
-                retries=self.conf.glance.num_retries, progress=progress)
-            virtual_size = inspection.check_image(
-                result.inspector, image.disk_format, image.id, limit)
-            fmt = inspection.qemu_format(result.inspector)
+                retries=self.conf.glance.num_retries,
+                max_virtual_size=limit, progress=progress)
             published = part
             if self.conf.force_raw_images and fmt != 'raw':
                 self._check_space(image, virtual_size)
@@ -94,15 +91,13 @@ class DownloadingTemplateImageHandler(BaseTemplateImageHandler):
         finally:
             for leftover in (part, converted):
                 unlink_quietly(leftover)
-        now = time.time()
         return BaseImage(
             filename=os.path.basename(path), image_id=image.id,
             handler=self.name, source=self.context.source.name,
             size_bytes=os.stat(path).st_size, virtual_size=virtual_size,
             disk_format=image.disk_format, hash_algo=result.hash_algo,
             hash_value=image.expected_hash[1] if image.expected_hash
-            else None, image_updated_at=image.updated_at, created=now,
-            last_used=now)
+            else None, image_updated_at=image.updated_at)
 
     def remove_image(self, entry, path):
         if os.path.isdir(path) and not os.path.islink(path):

@@ -16,6 +16,17 @@ def is_qcow2(path):
         return False
 
 
+MAX_CHAIN_DEPTH = 64
+
+
+def _backing_of(record):
+    backing = record.get('full-backing-filename') or \
+        record.get('backing-filename')
+    if backing and not os.path.isabs(backing):
+        backing = os.path.join(os.path.dirname(record['filename']), backing)
+    return backing
+
+
 def backing_chain(path):
     """Paths of the backing files below ``path`` (top first), [] if none."""
     if not is_qcow2(path):
@@ -23,16 +34,25 @@ def backing_chain(path):
     try:
         records = qemu_img.info(path, fmt='qcow2', backing_chain=True)
     except (subprocess.CalledProcessError, ValueError):
-        return []
+        # some file of the chain cannot be opened (a linked base whose
+        # device is not attached yet, a dangling link): the names the
+        # images record are still references, read them level by level
+        return _backing_chain_by_level(path)
+    return [b for b in map(_backing_of, records) if b]
+
+
+def _backing_chain_by_level(path):
     chain = []
-    for record in records:
-        backing = record.get('full-backing-filename') or \
-            record.get('backing-filename')
-        if backing:
-            if not os.path.isabs(backing):
-                backing = os.path.join(os.path.dirname(record['filename']),
-                                       backing)
-            chain.append(backing)
+    while is_qcow2(path) and len(chain) < MAX_CHAIN_DEPTH:
+        try:
+            records = qemu_img.info(path, fmt='qcow2')
+        except (subprocess.CalledProcessError, ValueError):
+            break
+        backing = _backing_of(records[0]) if records else None
+        if not backing:
+            break
+        chain.append(backing)
+        path = backing
     return chain
 
 

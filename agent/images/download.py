@@ -215,3 +215,19 @@ def _resuming_chunks(source, image, delays):
             last_error = exc
         finally:
             receiver.stop()
+
+
+def download_verified(source, image, dest, retries=3, max_virtual_size=0,
+                      progress=None):
+    """``download`` and then the format and safety checks of
+    ``inspection.check_image``.
+
+    :returns: ``(DownloadResult, virtual_size, qemu_format)``
+    """
+    result = download(source, image, dest, retries=retries,
+                      progress=progress)
+    virtual_size = inspection.check_image(result.inspector, image.disk_format,
+                                          image.id, max_virtual_size)
+    if inspection.qemu_format(result.inspector) == 'raw':
+        virtual_size = result.size
+    return result, virtual_size, inspection.qemu_format(result.inspector)

@@ -27,8 +27,11 @@ def utcnow_iso():
 class LocalCatalog(ImageSource):
     name = 'local'
 
-    def __init__(self, path):
+    def __init__(self, path, volume_opener=None):
+        """:param volume_opener: ``callable(volume_id) -> file`` that reads
+            the bits of volume-backed images (``cinder://`` locations)."""
         self.path = path
+        self.volume_opener = volume_opener
 
     def _paths(self, image_id):
         naming.validate_image_id(image_id)
@@ -75,21 +78,35 @@ class LocalCatalog(ImageSource):
         return self._paths(image_id)[1]
 
     def open(self, image, offset=0):
-        f = open(self.data_path(image.id), 'rb')
+        data_path = self.data_path(image.id)
+        if not os.path.exists(data_path) and image.volume_location and \
+                self.volume_opener:
+            f = self.volume_opener(image.volume_location)
+        else:
+            f = open(data_path, 'rb')
         f.seek(offset)
+        end = image.size if image.size is not None else float('inf')
 
         def chunks():
-            while True:
-                chunk = f.read(CHUNK_SIZE)
+            position = offset
+            while position < end:  # a volume may be larger than its image
+                chunk = f.read(int(min(CHUNK_SIZE, end - position)))
                 if not chunk:
                     return
+                position += len(chunk)
                 yield chunk
         return DataStream(chunks(), offset, f.close)
 
     def import_image(self, file_path, image_id, name=None, disk_format=None,
                      visibility='shared', owner=None, container_format='bare',
-                     properties=None):
-        """Copy ``file_path`` into the catalog; return its ``ImageMeta``."""
+                     properties=None, volume_writer=None):
+        """Copy ``file_path`` into the catalog; return its ``ImageMeta``.
+
+        :param volume_writer: ``callable(file_path, size) -> volume_id``;
+            when given, the bits go into that new volume instead of the
+            catalog and the image gets a ``cinder://<volume_id>`` location,
+            as Glance's cinder store does (raw images only).
+        """
         meta_path, data_path = self._paths(image_id)
         if not os.path.isfile(file_path):
             raise errors.AgentError('%s is not a file' % file_path)
@@ -97,12 +114,17 @@ class LocalCatalog(ImageSource):
         if disk_format is None:
             disk_format = inspection.glance_format(detected)
         inspection.check_image(detected, disk_format, image_id)
+        if volume_writer and inspection.qemu_format(detected) != 'raw':
+            raise errors.ImageUnacceptable(
+                image_id=image_id, reason='only raw images can be '
+                'volume-backed; this one is %s' % disk_format)
         os.makedirs(self.path, exist_ok=True)
         md5, sha512 = hashlib.md5(), hashlib.sha512()
         tmp = data_path + '.part'
         size = 0
         try:
-            with open(file_path, 'rb') as src, open(tmp, 'wb') as dst:
+            with open(file_path, 'rb') as src, \
+                    open(os.devnull if volume_writer else tmp, 'wb') as dst:
                 while True:
                     chunk = src.read(CHUNK_SIZE)
                     if not chunk:
@@ -112,7 +134,11 @@ class LocalCatalog(ImageSource):
                     dst.write(chunk)
                     size += len(chunk)
                 dst.flush()
-                os.fsync(dst.fileno())
+                if not volume_writer:
+                    os.fsync(dst.fileno())
+            locations = []
+            if volume_writer:
+                locations = ['cinder://%s' % volume_writer(file_path, size)]
             now = utcnow_iso()
             image = ImageMeta(
                 id=image_id, name=name or os.path.basename(file_path),
@@ -122,8 +148,13 @@ class LocalCatalog(ImageSource):
                 else detected.virtual_size, checksum=md5.hexdigest(),
                 os_hash_algo='sha512', os_hash_value=sha512.hexdigest(),
                 owner=owner, visibility=visibility, created_at=now,
-                updated_at=now, properties=dict(properties or {}))
-            os.replace(tmp, data_path)
+                updated_at=now, properties=dict(properties or {}),
+                locations=locations)
+            if volume_writer:
+                if os.path.exists(data_path):
+                    os.unlink(data_path)
+            else:
+                os.replace(tmp, data_path)
             meta_tmp = meta_path + '.part'
             with open(meta_tmp, 'w', encoding='utf-8') as f:
                 json.dump(image.to_glance(), f, indent=2, sort_keys=True)

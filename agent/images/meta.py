@@ -69,3 +69,14 @@ class ImageMeta:
         if self.checksum:
             return 'md5', self.checksum.lower()
         return None
+
+    @property
+    def volume_location(self):
+        """The volume id of the first ``cinder://[<store>/]<volume-id>``
+        location, or None."""
+        for url in self.locations or []:
+            if isinstance(url, str) and url.startswith('cinder://'):
+                volume_id = url[len('cinder://'):].rstrip('/').split('/')[-1]
+                if volume_id:
+                    return volume_id
+        return None

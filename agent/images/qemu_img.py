@@ -48,11 +48,17 @@ def info(path, fmt=None, backing_chain=False, force_share=True):
     return data if isinstance(data, list) else [data]
 
 
-def convert_to_raw(source, source_fmt, dest, image_id):
-    """Convert ``source`` (of format ``source_fmt``) to a sparse raw file."""
+def convert_to_raw(source, source_fmt, dest, image_id, existing_target=False):
+    """Convert ``source`` (of format ``source_fmt``) to sparse raw.
+
+    :param existing_target: write into ``dest``, an existing, zeroed (new,
+        sparse) file or device at least as large as the image, as
+        ``convert -n --target-is-zero``
+    """
+    target = ['-n', '--target-is-zero'] if existing_target else []
     try:
-        run(['convert', '-f', source_fmt, '-O', 'raw', '-W', '-m', '8',
-             source, dest], CONVERT_LIMITS)
+        run(['convert', '-f', source_fmt, '-O', 'raw', '-W', '-m', '8'] +
+            target + [source, dest], CONVERT_LIMITS)
     except subprocess.CalledProcessError as exc:
         stderr = (exc.stderr or '').strip()
         if 'No space left' in stderr:

@@ -47,9 +47,11 @@ class ImageSource(abc.ABC):
         """
 
 
-def from_config(conf):
+def from_config(conf, volume_opener=None):
+    """The configured image source; ``volume_opener`` reads volume-backed
+    images of the local catalog."""
     if conf.image_source.driver == 'glance':
         from agent.images.glance import GlanceImageSource
         return GlanceImageSource(conf)
     from agent.images.local_catalog import LocalCatalog
-    return LocalCatalog(conf.image_source.local_path)
+    return LocalCatalog(conf.image_source.local_path, volume_opener)

@@ -1,0 +1,316 @@
+"""The image-volume cache: one template volume per image, shared by the
+hypervisor (linked into ``_base``) and block storage (volumes cloned from it).
+
+Cinder's image-volume cache and SolidFire's template cache, made stricter:
+
+- a miss creates the template once, under a per-image lock shared by every
+  process of the host, so concurrent misses make exactly one template;
+- an entry whose image changed (newer ``updated_at``) or vanished is
+  *retired*: no new links or clones; it is deleted once nothing holds it;
+- ``max_size_gb`` and ``max_count`` (0 = unlimited) each work alone; room is
+  made by evicting least-recently-used entries, never a held one (linked on a
+  hypervisor, or a clone in progress);
+- entries are shared across projects only for public (or community) images
+  or the owner's own; encrypted images are never cached.
+
+Entries live in a diskcache under ``state_path``. Events
+``image_volume_cache.hit|miss|evict`` go to the ``agent.events`` logger as
+JSON records and to counters.
+"""
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import socket
+import time
+
+import diskcache
+from oslo_concurrency import lockutils
+from oslo_utils import timeutils
+
+from agent import errors
+from agent.images import download
+
+LOG = logging.getLogger(__name__)
+EVENTS = logging.getLogger('agent.events')
+GiB = 1024 ** 3
+ENCRYPTION_PROPERTIES = ('cinder_encryption_key_id', 'img_encrypted',
+                         'os_encrypt_key_id')
+
+
+@dataclasses.dataclass
+class CacheEntry:
+    image_id: str
+    volume_id: str
+    backend: str
+    size_bytes: int
+    image_updated_at: str = None
+    created: float = None
+    last_used: float = None
+    state: str = 'fresh'
+    holders: dict = dataclasses.field(default_factory=dict)
+    disk_format: str = None
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+
+def _newer(a, b):
+    """Whether ISO time ``a`` is later than ``b`` (None is oldest)."""
+    if not a:
+        return False
+    if not b:
+        return True
+    return timeutils.parse_isotime(a) > timeutils.parse_isotime(b)
+
+
+class ImageVolumeCache:
+    def __init__(self, conf, backend, host=None):
+        self.conf = conf
+        self.backend = backend
+        self.host = host or socket.gethostname()
+        self.state_dir = os.path.join(conf.state_path, 'image-volume-cache')
+        os.makedirs(self.state_dir, exist_ok=True)
+        self.db = diskcache.Cache(os.path.join(self.state_dir, 'entries'),
+                                  eviction_policy='none', size_limit=2 ** 40)
+
+    def close(self):
+        self.db.close()
+
+    # -- storage ----------------------------------------------------------------
+    @contextlib.contextmanager
+    def lock(self, image_id):
+        """Per-image lock shared by every process on this host."""
+        name = 'ivc-' + hashlib.sha1(image_id.encode()).hexdigest()
+        with lockutils.lock(name, external=True,
+                            lock_path=os.path.join(self.state_dir, 'locks')):
+            yield
+
+    def _put(self, entry):
+        self.db.set('entry:' + entry.volume_id, entry.to_dict())
+
+    def _delete(self, entry):
+        self.db.delete('entry:' + entry.volume_id)
+
+    def entries(self, image_id=None):
+        found = []
+        for key in list(self.db.iterkeys()):
+            if isinstance(key, str) and key.startswith('entry:'):
+                data = self.db.get(key)
+                if data and (image_id is None or data['image_id'] == image_id):
+                    found.append(CacheEntry(**data))
+        return sorted(found, key=lambda e: (e.image_id, e.created or 0))
+
+    def fresh_entry(self, image_id):
+        for entry in self.entries(image_id):
+            if entry.state == 'fresh':
+                return entry
+        return None
+
+    def counters(self):
+        return {k: self.db.get('count:' + k, 0)
+                for k in ('hit', 'miss', 'evict')}
+
+    def _event(self, kind, entry, **extra):
+        self.db.incr('count:' + kind)
+        EVENTS.info(json.dumps(dict(
+            event='image_volume_cache.' + kind, image_id=entry.image_id,
+            volume_id=entry.volume_id, host=self.host, **extra),
+            sort_keys=True))
+
+    # -- rules --------------------------------------------------------------------
+    def allowed(self, image, project_id=None):
+        """``(True, None)`` when ``image`` may go through the cache."""
+        if not self.conf.image_volume_cache.enabled:
+            return False, 'the image-volume cache is disabled'
+        props = image.properties or {}
+        if any(props.get(p) not in (None, False, 'False', 'false')
+               for p in ENCRYPTION_PROPERTIES):
+            return False, 'encrypted images are not cached'
+        if project_id is not None and image.visibility not in (
+                'public', 'community') and image.owner != project_id:
+            return False, ('image %s is %s and owned by %s, not by project %s'
+                           % (image.id, image.visibility, image.owner,
+                              project_id))
+        return True, None
+
+    # -- the cache ------------------------------------------------------------
+    def acquire(self, image, source, holder, project_id=None, progress=None):
+        """The fresh entry of ``image``, created on a miss, with ``holder``
+        added to it. Release it with ``release(entry, holder)``."""
+        ok, why = self.allowed(image, project_id)
+        if not ok:
+            raise errors.HandlerCannotServe(handler='image-volume cache',
+                                            image_id=image.id, reason=why)
+        with self.lock(image.id):
+            entry = self.fresh_entry(image.id)
+            if entry and _newer(image.updated_at, entry.image_updated_at):
+                self._retire(entry, 'image updated at %s' % image.updated_at)
+                entry = None
+            if entry:
+                self._event('hit', entry)
+            else:
+                entry = self._populate(image, source, progress)
+                self._event('miss', entry)
+            entry.holders[holder] = time.time()
+            entry.last_used = time.time()
+            self._put(entry)
+        self.enforce_limits()
+        return entry
+
+    def release(self, entry, holder):
+        """Drop ``holder``; delete the entry if it is retired and free."""
+        with self.lock(entry.image_id):
+            current = self._reload(entry)
+            if current is None:
+                return
+            current.holders.pop(holder, None)
+            current.last_used = time.time()
+            if current.state == 'stale' and not current.holders:
+                self._remove(current, 'retired and released')
+            else:
+                self._put(current)
+
+    def hold(self, entry, holder):
+        with self.lock(entry.image_id):
+            current = self._reload(entry)
+            if current is not None:
+                current.holders[holder] = time.time()
+                self._put(current)
+
+    def _reload(self, entry):
+        data = self.db.get('entry:' + entry.volume_id)
+        return CacheEntry(**data) if data else None
+
+    def _populate(self, image, source, progress):
+        """Create the template volume and write the image into it once."""
+        tmp_dir = os.path.join(self.state_dir, 'tmp')
+        os.makedirs(tmp_dir, exist_ok=True)
+        part = os.path.join(tmp_dir, hashlib.sha1(
+            image.id.encode()).hexdigest() + '.part')
+        volume_id = None
+        try:
+            _, virtual_size, fmt = download.download_verified(
+                source, image, part, retries=self.conf.glance.num_retries,
+                max_virtual_size=self.conf.max_image_virtual_size_gb * GiB,
+                progress=progress)
+            self.enforce_limits(reserve_bytes=virtual_size, reserve_count=1,
+                                locked_image=image.id)
+            volume_id = self.backend.create(virtual_size, {
+                'kind': 'template', 'image_id': image.id})
+            self.backend.write_image(volume_id, part, fmt)
+        except BaseException:
+            if volume_id:
+                self.backend.delete(volume_id)
+            raise
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(part)
+        now = time.time()
+        return CacheEntry(image_id=image.id, volume_id=volume_id,
+                          backend=self.backend.name, size_bytes=virtual_size,
+                          image_updated_at=image.updated_at, created=now,
+                          last_used=now, disk_format=image.disk_format)
+
+    def _retire(self, entry, reason):
+        LOG.info('retiring image-volume cache entry %s of image %s: %s',
+                 entry.volume_id, entry.image_id, reason)
+        entry.state = 'stale'
+        if entry.holders:
+            self._put(entry)
+        else:
+            self._remove(entry, reason)
+
+    def _remove(self, entry, reason):
+        self.backend.delete(entry.volume_id)
+        self._delete(entry)
+        self._event('evict', entry, reason=reason)
+
+    def evict(self, image_id):
+        """Evict every unheld entry of ``image_id``; refuse held ones."""
+        entries = self.entries(image_id)
+        if not entries:
+            raise errors.CacheEntryNotFound(image_id=image_id)
+        evicted = []
+        with self.lock(image_id):
+            for entry in self.entries(image_id):
+                if entry.holders:
+                    raise errors.CacheEntryHeld(
+                        image_id=image_id,
+                        holders=', '.join(sorted(entry.holders)))
+            for entry in self.entries(image_id):
+                self._remove(entry, 'evicted by request')
+                evicted.append(entry.volume_id)
+        return evicted
+
+    def enforce_limits(self, reserve_bytes=0, reserve_count=0,
+                       locked_image=None):
+        """Evict LRU unheld entries until the limits hold with room for
+        ``reserve_*`` more; returns the evicted entries.
+
+        :param locked_image: the image whose lock the caller holds (its
+            entries are skipped: the lock is not reentrant)
+        """
+        max_bytes = self.conf.image_volume_cache.max_size_gb * GiB
+        max_count = self.conf.image_volume_cache.max_count
+        if not max_bytes and not max_count:
+            return []
+        evicted = []
+
+        def over(entries):
+            size = sum(e.size_bytes for e in entries) + reserve_bytes
+            count = len(entries) + reserve_count
+            return (max_bytes and size > max_bytes) or \
+                (max_count and count > max_count)
+
+        entries = self.entries()
+        candidates = sorted((e for e in entries if not e.holders and
+                             e.image_id != locked_image),
+                            key=lambda e: e.last_used or 0)
+        for candidate in candidates:
+            if not over(entries):
+                break
+            with self.lock(candidate.image_id):
+                current = self._reload(candidate)
+                if current is None or current.holders:
+                    continue  # taken meanwhile: never evict a held entry
+                self._remove(current, 'over the cache limits')
+            evicted.append(current)
+            entries = [e for e in entries if e.volume_id != current.volume_id]
+        if over(entries):
+            LOG.warning('image-volume cache is over its limits but every '
+                        'remaining entry is held')
+        return evicted
+
+    def refresh(self, source):
+        """Retire entries whose image changed or is gone from the source."""
+        retired = []
+        for entry in self.entries():
+            if entry.state != 'fresh':
+                if not entry.holders:
+                    with self.lock(entry.image_id):
+                        current = self._reload(entry)
+                        if current and not current.holders:
+                            self._remove(current, 'retired and released')
+                continue
+            try:
+                image = source.get(entry.image_id)
+            except errors.ImageNotFound:
+                reason = 'image deleted from the source'
+            except errors.AgentError as exc:
+                LOG.warning('cannot check image %s for staleness: %s',
+                            entry.image_id, exc)
+                continue
+            else:
+                if not _newer(image.updated_at, entry.image_updated_at):
+                    continue
+                reason = 'image updated at %s' % image.updated_at
+            with self.lock(entry.image_id):
+                current = self._reload(entry)
+                if current and current.state == 'fresh':
+                    self._retire(current, reason)
+                    retired.append(current.image_id)
+        return retired

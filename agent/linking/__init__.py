@@ -1,0 +1,1 @@
+"""os-brick attach/detach and atomic links in ``_base``."""

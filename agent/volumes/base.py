@@ -1,0 +1,94 @@
+"""The volume backend interface.
+
+A backend stores volumes (template volumes of the image-volume cache and
+volumes cloned from them) and exports them as block devices that os-brick
+can open. One short module per backend, as os-brick's connectors.
+
+Worked example with the ``local`` backend::
+
+    backend = LocalVolumeBackend(conf)
+    backend.capabilities()
+    # -> {'backend': 'local', 'clone': 'reflink', 'reflink': True, ...}
+    vid = backend.create(1073741824, {'kind': 'template', 'image_id': 'X'})
+    backend.write_image(vid, '/tmp/X.part', 'qcow2')   # converted to raw
+    backend.connection_properties(vid, read_only=True)
+    # -> {'driver_volume_type': 'local', 'data': {'device_path':
+    #     '/dev/loop3', 'volume_id': vid, 'access_mode': 'ro'}}
+    clone = backend.clone(vid, 2147483648, {'kind': 'volume'})
+    backend.release(vid)          # drop the export (loop device)
+    backend.delete(clone)
+"""
+
+import abc
+import dataclasses
+
+
+@dataclasses.dataclass
+class Volume:
+    id: str
+    size_bytes: int
+    metadata: dict
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+
+class VolumeBackend(abc.ABC):
+    #: short name, as in ``[volume_linking] backend``
+    name = None
+
+    def __init__(self, conf):
+        self.conf = conf
+
+    @abc.abstractmethod
+    def capabilities(self):
+        """``{'backend': name, 'available': bool, 'reason': str or None,
+        'clone': 'reflink'|'copy'|..., ...}``: what this host can do."""
+
+    @abc.abstractmethod
+    def create(self, size_bytes, metadata):
+        """Create an empty volume; return its id."""
+
+    @abc.abstractmethod
+    def get(self, volume_id):
+        """The ``Volume``; VolumeNotFound if there is none."""
+
+    @abc.abstractmethod
+    def list(self):
+        """All ``Volume`` objects."""
+
+    @abc.abstractmethod
+    def update_metadata(self, volume_id, **changes):
+        """Merge ``changes`` into the volume's metadata."""
+
+    @abc.abstractmethod
+    def delete(self, volume_id):
+        """Release its exports and delete it."""
+
+    @abc.abstractmethod
+    def clone(self, volume_id, size_bytes, metadata):
+        """A new volume with the content of ``volume_id`` (copy-on-write
+        where the backend can), at least ``size_bytes`` large."""
+
+    @abc.abstractmethod
+    def extend(self, volume_id, size_bytes):
+        """Grow a volume to ``size_bytes``."""
+
+    @abc.abstractmethod
+    def write_image(self, volume_id, path, fmt):
+        """Write the image file ``path`` (qemu-img format ``fmt``, already
+        inspected and verified) into the volume as raw."""
+
+    @abc.abstractmethod
+    def open_volume(self, volume_id):
+        """A binary file object reading the volume's raw bits (as Glance's
+        cinder store serves a volume-backed image)."""
+
+    @abc.abstractmethod
+    def connection_properties(self, volume_id, read_only=True):
+        """os-brick connection info ``{'driver_volume_type', 'data'}``;
+        exports the volume (e.g. sets up a loop device) when needed."""
+
+    @abc.abstractmethod
+    def release(self, volume_id):
+        """Drop the exports of ``volume_id`` (idempotent)."""
