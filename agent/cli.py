@@ -313,7 +313,7 @@ def _print_prune(report, fmt):
         click.echo('warning: %s' % warning, err=True)
     if fmt == 'json':
         print_json(report)
-        return
+        sys.exit(1 if report['failed'] else 0)
     verb = 'would remove' if report['dry_run'] else 'removed'
     for item in report['removed']:
         click.echo('%s %s (image %s, %s)' % (
@@ -325,6 +325,12 @@ def _print_prune(report, fmt):
                % (verb, len(report['removed']),
                   human_bytes(report['reclaimed_bytes']),
                   len(report['in_use']), len(report['too_young'])))
+    for failure in report['failed']:
+        click.echo('error: cannot remove %s: %s' % (failure['filename'],
+                                                     failure['reason']),
+                   err=True)
+    if report['failed']:
+        sys.exit(1)
 
 
 @main.command()

@@ -1,8 +1,8 @@
 """The base-image index: what the agent knows about each file in ``_base``.
 
 Kept in a diskcache under ``state_path`` (safe across threads and
-processes). ``_base`` stays the truth: ``reconcile`` adopts nova-made files
-and drops entries whose file is gone.
+processes). ``_base`` stays the truth: ``TemplateAgent.reconcile`` adopts
+nova-made files and drops entries whose file is gone.
 """
 
 import dataclasses
@@ -11,7 +11,6 @@ import time
 
 import diskcache
 
-from agent import naming
 
 
 @dataclasses.dataclass
@@ -77,25 +76,3 @@ class BaseImageIndex:
         if entry:
             entry.last_used = when or time.time()
             self.put(entry)
-
-    def reconcile(self, base_dir):
-        """Make the index agree with ``base_dir``: adopt, drop.
-
-        Returns ``(adopted, dropped)`` lists of file names.
-        """
-        present = set()
-        if os.path.isdir(base_dir):
-            present = {n for n in os.listdir(base_dir)
-                       if naming.parse_base_filename(n)}
-        known = {e.filename: e for e in self.all()}
-        dropped = sorted(n for n in known if n not in present)
-        for name in dropped:
-            self.delete(name)
-        adopted = sorted(n for n in present if n not in known)
-        for name in adopted:
-            st = os.lstat(os.path.join(base_dir, name))
-            self.put(BaseImage(filename=name, handler='downloading',
-                               source='nova', size_bytes=st.st_size,
-                               created=st.st_mtime, last_used=st.st_mtime,
-                               adopted=True))
-        return adopted, dropped

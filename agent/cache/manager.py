@@ -54,7 +54,7 @@ def run_pass(agent, dry_run=False, min_age=None, now=None):
     removing = conf.image_cache.remove_unused_base_images
     usage = agent.scanner.scan(list(paths.values()), strict=removing)
     report = {'dry_run': dry_run, 'removed': [], 'in_use': [],
-              'too_young': [], 'reclaimed_bytes': 0,
+              'too_young': [], 'failed': [], 'reclaimed_bytes': 0,
               'remove_unused_base_images': removing,
               'warnings': list(usage.warnings)}
     for name, path in paths.items():
@@ -96,7 +96,14 @@ def run_pass(agent, dry_run=False, min_age=None, now=None):
             info = agent.remove_base(name, check_age=old_enough)
         except errors.BaseImageInUse as exc:
             LOG.info('base %s came into use during the pass: %s', name, exc)
-            report['in_use'].append({'filename': name, 'users': []})
+            report['in_use'].append({'filename': name,
+                                     'users': [str(exc)]})
+            continue
+        except (errors.AgentError, OSError) as exc:
+            # one base that cannot go must not stop the pass (as nova)
+            LOG.error('cannot remove base %s: %s', name, exc)
+            report['failed'].append({'filename': name,
+                                                    'reason': str(exc)})
             continue
         if info is None:
             report['too_young'].append(name)

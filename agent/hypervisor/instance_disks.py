@@ -57,12 +57,13 @@ def _backing_chain_by_level(path):
 
 
 def instance_disks(instances_path, skip_dirs):
-    """Regular files under ``instances_path``, outside ``skip_dirs``."""
+    """Files under ``instances_path`` (symlinks to files included), outside
+    ``skip_dirs``."""
     skip = {os.path.realpath(d) for d in skip_dirs}
     for root, dirs, files in os.walk(instances_path):
         dirs[:] = [d for d in dirs
                    if os.path.realpath(os.path.join(root, d)) not in skip]
         for name in files:
             path = os.path.join(root, name)
-            if os.path.isfile(path) and not os.path.islink(path):
+            if os.path.isfile(path):
                 yield path

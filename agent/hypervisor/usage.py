@@ -63,6 +63,7 @@ class UsageScanner:
         if os.path.isdir(self.conf.instances_path):
             for disk in instance_disks.instance_disks(
                     self.conf.instances_path, skip):
+                refs.append(('disk:%s' % disk, disk))  # a disk that is a base
                 for backing in instance_disks.backing_chain(disk):
                     refs.append(('disk:%s' % disk, backing))
         return refs
