@@ -315,13 +315,17 @@ class TemplateAgent:
         tmp = os.path.join(self.conf.state_path, 'tmp-%s.part' % uuid.uuid4())
         volume_id = None
         try:
-            _, virtual_size, fmt = download.download_verified(
-                self.source, image, tmp, retries=self.conf.glance.num_retries,
+            def write_volume(fmt, virtual_size):
+                nonlocal volume_id
+                self._check_volume_size(image.id, size, virtual_size)
+                volume_id = backend.create(size, metadata)
+                backend.write_image(volume_id, tmp, fmt)
+
+            download.download_verified(
+                self.source, image, tmp, then=write_volume,
+                retries=self.conf.glance.num_retries,
                 max_virtual_size=self.conf.max_image_virtual_size_gb
                 * 1024 ** 3, progress=progress)
-            self._check_volume_size(image.id, size, virtual_size)
-            volume_id = backend.create(size, metadata)
-            backend.write_image(volume_id, tmp, fmt)
             return volume_id
         except BaseException:
             if volume_id:

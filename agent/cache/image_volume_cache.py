@@ -193,15 +193,19 @@ class ImageVolumeCache:
             image.id.encode()).hexdigest() + '.part')
         volume_id = None
         try:
-            _, virtual_size, fmt = download.download_verified(
-                source, image, part, retries=self.conf.glance.num_retries,
+            def write_template(fmt, virtual_size):
+                nonlocal volume_id
+                self.enforce_limits(reserve_bytes=virtual_size,
+                                    reserve_count=1, locked_image=image.id)
+                volume_id = self.backend.create(virtual_size, {
+                    'kind': 'template', 'image_id': image.id})
+                self.backend.write_image(volume_id, part, fmt)
+
+            _, virtual_size, _, _ = download.download_verified(
+                source, image, part, then=write_template,
+                retries=self.conf.glance.num_retries,
                 max_virtual_size=self.conf.max_image_virtual_size_gb * GiB,
                 progress=progress)
-            self.enforce_limits(reserve_bytes=virtual_size, reserve_count=1,
-                                locked_image=image.id)
-            volume_id = self.backend.create(virtual_size, {
-                'kind': 'template', 'image_id': image.id})
-            self.backend.write_image(volume_id, part, fmt)
         except BaseException:
             if volume_id:
                 self.backend.delete(volume_id)

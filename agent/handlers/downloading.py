@@ -12,24 +12,10 @@ import os
 import psutil
 
 from agent import errors, naming
+from agent.files import fsync_path, unlink_quietly
 from agent.cache.index import BaseImage
 from agent.handlers.base import BaseTemplateImageHandler
 from agent.images import download, inspection, qemu_img
-
-
-def fsync_path(path, directory=False):
-    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def unlink_quietly(path):
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 class DownloadingTemplateImageHandler(BaseTemplateImageHandler):
@@ -67,11 +53,8 @@ class DownloadingTemplateImageHandler(BaseTemplateImageHandler):
         part, converted = naming.temp_filenames(path)
         for leftover in (part, converted):
             unlink_quietly(leftover)
-        try:
-            result, virtual_size, fmt = download.download_verified(
-                self.context.source, image, part,
-                retries=self.conf.glance.num_retries,
-                max_virtual_size=limit, progress=progress)
+        def make_raw(fmt, virtual_size):
+            """Runs while the hash finishes; returns the file to publish."""
             published = part
             if self.conf.force_raw_images and fmt != 'raw':
                 self._check_space(image, virtual_size)
@@ -79,6 +62,14 @@ class DownloadingTemplateImageHandler(BaseTemplateImageHandler):
                 unlink_quietly(part)
                 published = converted
             fsync_path(published)
+            return published
+
+        try:
+            result, virtual_size, fmt, published = \
+                download.download_verified(
+                    self.context.source, image, part, then=make_raw,
+                    retries=self.conf.glance.num_retries,
+                    max_virtual_size=limit, progress=progress)
             os.rename(published, path)
             fsync_path(os.path.dirname(path), directory=True)
         except OSError as exc:

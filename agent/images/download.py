@@ -1,11 +1,16 @@
-"""Stream image bits to a file: hash, inspect and write sparse, in one pass.
+"""Stream image bits to a file: receive, inspect, write sparse, and hash.
 
-One thread receives chunks from the source while the caller's thread hashes,
-inspects and writes them, so the hash costs (almost) nothing on two cores:
-hashlib, socket reads and file writes all release the GIL. All-zero blocks
-are skipped (left as holes) so a raw base takes only the disk its data needs.
-Transient failures resume where they stopped with a Range request (the hash
-state carries over), with exponential backoff, at most ``retries`` times.
+Three threads share the work so it overlaps on two cores: one receives
+chunks from the source, the caller's thread inspects the format and writes
+them (all-zero blocks are left as holes, so a raw base takes only the disk
+its data needs), and a hasher reads back what was written from the page
+cache. hashlib, socket reads and file I/O all release the GIL. The hash may
+finish after the last byte is written: ``download_verified`` runs the
+caller's next step (conversion, fsync) meanwhile and publishes nothing
+unless the hash matches.
+
+Transient failures resume where they stopped with a Range request, with
+exponential backoff, at most ``retries`` times.
 """
 
 import dataclasses
@@ -23,6 +28,8 @@ from agent.images.sources import TransientSourceError
 
 SPARSE_BLOCK = 64 * 1024
 _ZERO_BLOCK = bytes(SPARSE_BLOCK)
+_ZERO_CHUNK = bytes(4 * 1024 * 1024)
+_HASH_READ = 4 * 1024 * 1024
 _QUEUE_DEPTH = 8
 _DONE = object()
 NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
@@ -40,33 +47,100 @@ class _SourceRestarted(Exception):
     """The source could not resume and starts over at byte 0."""
 
 
+def _is_zero(data):
+    """Whether ``data`` (bytes) is all zeros; a memcmp, not a byte loop."""
+    n = len(data)
+    if n <= len(_ZERO_CHUNK):
+        return data == _ZERO_CHUNK[:n] if n != SPARSE_BLOCK \
+            else data == _ZERO_BLOCK
+    return data.count(0) == n
+
+
 def _pwrite_sparse(fd, data, offset):
     """Write ``data`` at ``offset``, leaving all-zero blocks as holes."""
-    view = memoryview(data)
-    length = len(view)
+    if _is_zero(data):
+        return
+    length = len(data)
     start = None  # start of the current run of non-zero blocks
     pos = 0
     while pos < length:
         end = min(pos + SPARSE_BLOCK, length)
-        block = view[pos:end]
-        is_zero = (block == _ZERO_BLOCK) if end - pos == SPARSE_BLOCK \
-            else not any(block)
-        if is_zero:
+        if _is_zero(data[pos:end]):
             if start is not None:
-                _pwrite_all(fd, view[start:pos], offset + start)
+                _pwrite_all(fd, data, start, pos, offset)
                 start = None
         elif start is None:
             start = pos
         pos = end
     if start is not None:
-        _pwrite_all(fd, view[start:length], offset + start)
+        _pwrite_all(fd, data, start, length, offset)
 
 
-def _pwrite_all(fd, view, offset):
+def _pwrite_all(fd, data, start, end, offset):
+    view = memoryview(data)[start:end]
+    position = offset + start
     while len(view):
-        written = os.pwrite(fd, view, offset)
+        written = os.pwrite(fd, view, position)
         view = view[written:]
-        offset += written
+        position += written
+
+
+class _FileHasher(threading.Thread):
+    """Hashes a file as it is written, reading it back from the page cache
+    (holes read as zeros: the hash is of the bytes as sent)."""
+
+    def __init__(self, path, algo):
+        super().__init__(daemon=True, name='image-hasher')
+        self.hasher = hashlib.new(algo)
+        self.fd = os.open(path, os.O_RDONLY)
+        self.cond = threading.Condition()
+        self.written = 0
+        self.finished = False
+        self.cancelled = False
+        self.error = None
+
+    def advance(self, written, finished=False):
+        with self.cond:
+            self.written = written
+            self.finished = finished
+            self.cond.notify()
+
+    def cancel(self):
+        with self.cond:
+            self.cancelled = True
+            self.cond.notify()
+        self.join()
+
+    def run(self):
+        position = 0
+        try:
+            while True:
+                with self.cond:
+                    while not (self.cancelled or self.written > position or
+                               self.finished):
+                        self.cond.wait()
+                    if self.cancelled:
+                        return
+                    end, finished = self.written, self.finished
+                while position < end:
+                    data = os.pread(self.fd, min(_HASH_READ, end - position),
+                                    position)
+                    if not data:
+                        raise IOError('file shrank under the hasher')
+                    self.hasher.update(data)
+                    position += len(data)
+                if finished and position >= end:
+                    return
+        except BaseException as exc:  # reported by hexdigest()
+            self.error = exc
+        finally:
+            os.close(self.fd)
+
+    def hexdigest(self):
+        self.join()
+        if self.error:
+            raise self.error
+        return self.hasher.hexdigest()
 
 
 class _Receiver(threading.Thread):
@@ -110,43 +184,72 @@ class _Receiver(threading.Thread):
         self.stream.close()
 
 
+class Download:
+    """A download in progress: bytes written, the hash still running.
+
+    ``verify()`` waits for the hash and raises ChecksumMismatch; ``cancel()``
+    stops the hasher. Use ``download_verified``, which always does one.
+    """
+
+    def __init__(self, image, result, hasher):
+        self.image = image
+        self.result = result
+        self._hasher = hasher
+
+    def verify(self):
+        if self._hasher is None:
+            return
+        algo, expected = self.image.expected_hash
+        actual = self._hasher.hexdigest()
+        if actual != expected:
+            raise errors.ChecksumMismatch(image_id=self.image.id, algo=algo,
+                                          actual=actual, expected=expected)
+
+    def cancel(self):
+        if self._hasher is not None:
+            self._hasher.cancel()
+
+
 def download(source, image, dest, retries=3, progress=None):
     """Stream ``image`` from ``source`` into the new file ``dest``.
 
-    Verifies the hash of the metadata (multihash first, else md5) and
-    returns a DownloadResult with the detected format inspector. The file is
-    not fsynced: the caller publishes it (or what it converts it into).
+    Returns a ``Download`` whose hash may still be running; the file is not
+    fsynced.
 
-    :raises ChecksumMismatch: the bits do not hash to the metadata's value
     :raises DownloadFailed: transient failures outlasted the retries
     :raises InsufficientSpace: the filesystem filled up
+    :raises ImageUnacceptable: the source sent more than the image's size
     """
     expected = image.expected_hash
     delays = backoff_delays(retries)
     fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    hasher = None
     try:
         while True:
-            hasher = hashlib.new(expected[0]) if expected else None
+            hasher = _FileHasher(dest, expected[0]) if expected else None
+            if hasher:
+                hasher.start()
             chunks = _resuming_chunks(source, image, delays)
             wrapper = inspection.new_stream_inspector(chunks)
             offset = 0
             try:
                 for chunk in wrapper:
-                    if hasher:
-                        hasher.update(chunk)
                     _pwrite_sparse(fd, chunk, offset)
                     offset += len(chunk)
                     if image.size is not None and offset > image.size:
                         raise errors.ImageUnacceptable(
                             image_id=image.id, reason='the source sent more '
                             'than the %d bytes its metadata says' % image.size)
+                    if hasher:
+                        os.ftruncate(fd, offset)  # holes at the end read back
+                        hasher.advance(offset)
                     if progress:
                         progress(offset, image.size)
             except _SourceRestarted:
+                if hasher:
+                    hasher.cancel()
                 os.ftruncate(fd, 0)
                 continue
-            except errors.AgentError:
-                raise
             except OSError as exc:
                 if exc.errno in NO_SPACE_ERRNOS:
                     raise errors.InsufficientSpace(
@@ -161,20 +264,23 @@ def download(source, image, dest, retries=3, progress=None):
                 chunks.close()
             break
         os.ftruncate(fd, offset)
+        if image.size is not None and offset != image.size:
+            raise errors.DownloadFailed(
+                image_id=image.id, attempts=retries + 1,
+                reason='got %d bytes, the image has %d' % (offset, image.size))
         inspector = inspection.stream_result(wrapper, image.id)
+        if hasher:
+            hasher.advance(offset, finished=True)
+    except BaseException:
+        if hasher:
+            hasher.cancel()
+        raise
     finally:
         os.close(fd)
-    if image.size is not None and offset != image.size:
-        raise errors.DownloadFailed(
-            image_id=image.id, attempts=retries + 1,
-            reason='got %d bytes, the image has %d' % (offset, image.size))
-    if hasher and hasher.hexdigest() != expected[1]:
-        raise errors.ChecksumMismatch(image_id=image.id, algo=expected[0],
-                                      actual=hasher.hexdigest(),
-                                      expected=expected[1])
-    return DownloadResult(size=offset, inspector=inspector,
-                          hash_algo=expected[0] if expected else None,
-                          attempts=retries - len(delays) + 1)
+    return Download(image, DownloadResult(
+        size=offset, inspector=inspector,
+        hash_algo=expected[0] if expected else None,
+        attempts=retries - len(delays) + 1), hasher)
 
 
 class _RetriesExhausted(Exception):
@@ -217,17 +323,29 @@ def _resuming_chunks(source, image, delays):
             receiver.stop()
 
 
-def download_verified(source, image, dest, retries=3, max_virtual_size=0,
-                      progress=None):
-    """``download`` and then the format and safety checks of
-    ``inspection.check_image``.
+def download_verified(source, image, dest, then=None, retries=3,
+                      max_virtual_size=0, progress=None):
+    """Download, check format and safety, run ``then``, verify the hash.
 
-    :returns: ``(DownloadResult, virtual_size, qemu_format)``
+    ``then(qemu_format, virtual_size)`` (e.g. convert, or fsync) runs while
+    the hash finishes; whatever it made must not be published until this
+    returns: on a hash mismatch ChecksumMismatch is raised after it, and the
+    caller's cleanup removes what it made.
+
+    :returns: ``(DownloadResult, virtual_size, qemu_format, then's result)``
     """
-    result = download(source, image, dest, retries=retries,
-                      progress=progress)
-    virtual_size = inspection.check_image(result.inspector, image.disk_format,
-                                          image.id, max_virtual_size)
-    if inspection.qemu_format(result.inspector) == 'raw':
-        virtual_size = result.size
-    return result, virtual_size, inspection.qemu_format(result.inspector)
+    pending = download(source, image, dest, retries=retries,
+                       progress=progress)
+    try:
+        result = pending.result
+        virtual_size = inspection.check_image(
+            result.inspector, image.disk_format, image.id, max_virtual_size)
+        fmt = inspection.qemu_format(result.inspector)
+        if fmt == 'raw':
+            virtual_size = result.size
+        made = then(fmt, virtual_size) if then else None
+    except BaseException:
+        pending.cancel()
+        raise
+    pending.verify()
+    return result, virtual_size, fmt, made

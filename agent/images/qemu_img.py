@@ -56,9 +56,17 @@ def convert_to_raw(source, source_fmt, dest, image_id, existing_target=False):
         ``convert -n --target-is-zero``
     """
     target = ['-n', '--target-is-zero'] if existing_target else []
+    args = ['convert', '-f', source_fmt, '-O', 'raw', '-W', '-m', '8'] + \
+        target + [source, dest]
     try:
-        run(['convert', '-f', source_fmt, '-O', 'raw', '-W', '-m', '8'] +
-            target + [source, dest], CONVERT_LIMITS)
+        try:
+            # O_DIRECT writes: no dirty page cache to flush afterwards
+            run(args[:1] + ['-t', 'none'] + args[1:], CONVERT_LIMITS)
+        except subprocess.CalledProcessError as exc:
+            if 'O_DIRECT' not in exc.stderr and \
+                    'Invalid argument' not in exc.stderr:
+                raise
+            run(args, CONVERT_LIMITS)  # e.g. tmpfs: no O_DIRECT
     except subprocess.CalledProcessError as exc:
         stderr = (exc.stderr or '').strip()
         if 'No space left' in stderr:

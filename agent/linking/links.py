@@ -1,23 +1,17 @@
 """Atomic symlinks in ``_base``: a reader sees the old link or the new
 one, never none."""
 
-import contextlib
 import os
 
-from agent import naming
+from agent import files, naming
 
 
 def link_atomically(target, link_path):
     tmp = naming.temp_filenames(link_path)[0]
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(tmp)
+    files.unlink_quietly(tmp)
     os.symlink(target, tmp)
     os.replace(tmp, link_path)
-    fd = os.open(os.path.dirname(link_path), os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    files.fsync_path(os.path.dirname(link_path), directory=True)
 
 
 def link_target(link_path):
