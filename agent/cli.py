@@ -58,20 +58,41 @@ def print_json(data):
 
 
 class Context:
-    def __init__(self, config_files, verbose):
+    """Builds, on first use, what a command talks to: the service when its
+    socket answers (unless --direct), else the core in this process."""
+
+    def __init__(self, config_files, verbose, direct):
         self.config_files = config_files
         self.verbose = verbose
+        self.direct = direct
+        self._conf = None
         self._agent = None
+        self._local = None
 
     @property
     def conf(self):
-        return self.agent.conf
+        if self._conf is None:
+            from agent import config
+            self._conf = config.load(self.config_files)
+        return self._conf
+
+    @property
+    def local(self):
+        """The core in this process (for what only works here)."""
+        if self._local is None:
+            from agent import core
+            self._local = core.TemplateAgent(self.conf)
+        return self._local
 
     @property
     def agent(self):
         if self._agent is None:
-            from agent import config, core
-            self._agent = core.TemplateAgent(config.load(self.config_files))
+            from agent import client
+            path = self.conf.api.socket_path
+            if not self.direct and client.service_answers(path):
+                self._agent = client.ServiceClient(path)
+            else:
+                self._agent = self.local
         return self._agent
 
 
@@ -111,13 +132,16 @@ FORMAT = click.option('--format', 'fmt', type=click.Choice(['table', 'json']),
               'Default: $TEMPLATE_AGENT_CONFIG (colon-separated).')
 @click.option('-v', '--verbose', is_flag=True,
               help='Debug logging, and tracebacks on errors.')
+@click.option('--direct', is_flag=True,
+              help='Work in this process even when the service answers on '
+              '[api] socket_path (same locks, same results).')
 @click.pass_context
-def main(click_ctx, config_file, verbose):
+def main(click_ctx, config_file, verbose, direct):
     """Prepare and manage hypervisor base images (nova's _base)."""
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.WARNING,
         format='%(asctime)s %(levelname)s %(name)s: %(message)s')
-    click_ctx.obj = Context(list(config_file), verbose)
+    click_ctx.obj = Context(list(config_file), verbose, direct)
 
 
 # -- images (local catalog) --------------------------------------------------
@@ -129,11 +153,11 @@ def images():
 def _local_catalog(ctx):
     from agent import errors
     from agent.images.local_catalog import LocalCatalog
-    if not isinstance(ctx.agent.source, LocalCatalog):
+    if not isinstance(ctx.local.source, LocalCatalog):
         raise errors.ConfigError(
             reason='the local catalog is not in use ([image_source] driver '
             '= %s)' % ctx.conf.image_source.driver)
-    return ctx.agent.source
+    return ctx.local.source
 
 
 @images.command('import')
@@ -156,7 +180,7 @@ def images_import(ctx, file, image_id, name, disk_format, visibility, owner,
                   volume_backed, fmt):
     """Add FILE to the local catalog as image --id."""
     with handle_errors(ctx):
-        image = ctx.agent.import_image(
+        image = ctx.local.import_image(
             file, image_id, volume_backed=volume_backed, name=name,
             disk_format=disk_format, visibility=visibility, owner=owner)
         record = image.to_glance()
@@ -225,6 +249,34 @@ def _progress_bar(label):
     finally:
         if state['bar'] is not None:
             state['bar'].__exit__(None, None, None)
+
+
+@main.command()
+@click.argument('image_ids', nargs=-1, required=True)
+@FORMAT
+@pass_ctx
+def precache(ctx, image_ids, fmt):
+    """Prepare several images, precache_concurrency at a time (nova's
+    cache_images): each is cached, existing, unsupported or error."""
+    with handle_errors(ctx):
+        results = ctx.agent.precache(list(image_ids))
+        if fmt == 'json':
+            print_json(results)
+        else:
+            for image_id, result in results.items():
+                click.echo('%s: %s' % (image_id, result))
+        if any(r == 'error' for r in results.values()):
+            sys.exit(1)
+
+
+@main.command()
+@pass_ctx
+def serve(ctx):
+    """Run the service (systemd Type=notify): init, the local API on
+    [api] socket_path, cache manager passes, metrics."""
+    from agent import daemon
+    with handle_errors(ctx):
+        sys.exit(daemon.Service(ctx.config_files, ctx.verbose).run())
 
 
 LIST_COLUMNS = [

@@ -282,6 +282,37 @@ Related options:
 ]
 
 
+API_OPTS = [
+    cfg.StrOpt(
+        'socket_path',
+        default='/run/template-agent/agent.sock',
+        help="""
+Unix socket of the service's local API (HTTP with JSON bodies). The CLI
+uses it when it answers, and works directly otherwise.
+"""),
+    cfg.ListOpt(
+        'allowed_groups',
+        default=['nova'],
+        help="""
+Groups whose members may use the local API, besides root. Peers are
+identified by SO_PEERCRED; anyone else gets HTTP 403. The socket is created
+with mode 0660 and the first of these groups that exists.
+"""),
+]
+
+METRICS_OPTS = [
+    cfg.StrOpt(
+        'textfile_path',
+        help="""
+Where to write the metrics in Prometheus text format for node_exporter's
+textfile collector (e.g.
+``/var/lib/node_exporter/textfile_collector/template_agent.prom``); written
+atomically after each cache manager pass and every minute. Unset: only
+``/metrics`` on the API socket.
+"""),
+]
+
+
 def list_opts():
     """Options for oslo-config-generator (namespace ``template_agent``)."""
     return [
@@ -293,6 +324,8 @@ def list_opts():
         ('volume_linking', VOLUME_LINKING_OPTS),
         ('local_volumes', LOCAL_VOLUMES_OPTS),
         ('image_volume_cache', IMAGE_VOLUME_CACHE_OPTS),
+        ('api', API_OPTS),
+        ('metrics', METRICS_OPTS),
     ]
 
 

@@ -6,6 +6,7 @@ each base, and answers who uses what. Everything that removes a base checks
 usage strictly, under the base's lock, right before removing it.
 """
 
+import concurrent.futures
 import functools
 import logging
 import os
@@ -13,6 +14,7 @@ import time
 import uuid
 
 from agent import config, errors, locks, naming
+from agent.metrics import REGISTRY
 from agent.cache import manager
 from agent.cache.index import BaseImage, BaseImageIndex
 from agent.handlers import registry
@@ -110,6 +112,8 @@ class TemplateAgent:
                     entry.image_id = image_id
                 entry.last_used = time.time()
                 self.index.put(entry)
+                REGISTRY.inc('template_agent_fetches_total',
+                             handler=entry.handler, result='existing')
                 return path
             image = self.source.get(image_id)
             if image.status != 'active':
@@ -126,6 +130,8 @@ class TemplateAgent:
                     entry = h.fetch_image(image, path, progress=progress,
                                           project_id=project_id)
                 except errors.AgentError as exc:
+                    REGISTRY.inc('template_agent_fetches_total', handler=name,
+                                 result='error')
                     if not exc.falls_through or name == names[-1]:
                         raise
                     LOG.warning('handler %s failed on image %s, trying the '
@@ -135,11 +141,50 @@ class TemplateAgent:
                 os.utime(path, follow_symlinks=False)
                 entry.created = entry.last_used = time.time()
                 self.index.put(entry)
+                REGISTRY.inc('template_agent_fetches_total', handler=name,
+                             result='prepared')
                 LOG.info('prepared base %s for image %s with handler %s',
                          path, image_id, name)
                 return path
             raise errors.NoHandlerSucceeded(image_id=image_id,
                                             reasons='; '.join(reasons))
+
+    def precache(self, image_ids, progress=None):
+        """nova's cache_images: prepare each image, at most
+        ``precache_concurrency`` at a time; per image ``cached``,
+        ``existing``, ``unsupported`` or ``error``.
+
+        :param progress: ``callable(images_done, images_total)``, also
+            called while each image streams (so it can cancel by raising)
+        """
+        ids = list(dict.fromkeys(image_ids))
+        results = {}
+
+        def step(*_):
+            if progress:
+                progress(len(results), len(ids))
+
+        def one(image_id):
+            existed = os.path.lexists(self.base_path(image_id))
+            try:
+                self.fetch_image(image_id, progress=step)
+                results[image_id] = 'existing' if existed else 'cached'
+            except errors.Cancelled:
+                raise
+            except (errors.ImageUnacceptable,
+                    errors.NoHandlerSucceeded) as exc:
+                LOG.info('precache of %s: unsupported: %s', image_id, exc)
+                results[image_id] = 'unsupported'
+            except errors.AgentError as exc:
+                LOG.warning('precache of %s failed: %s', image_id, exc)
+                results[image_id] = 'error'
+            step()
+
+        workers = self.conf.image_cache.precache_concurrency
+        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+            for future in [pool.submit(one, i) for i in ids]:
+                future.result()
+        return results
 
     def _adopt(self, filename):
         st = os.lstat(os.path.join(self.base_dir, filename))
@@ -261,6 +306,12 @@ class TemplateAgent:
 
     def prune(self, dry_run=False, min_age=None):
         report = manager.run_pass(self, dry_run=dry_run, min_age=min_age)
+        if not dry_run:
+            REGISTRY.inc('template_agent_manager_passes_total')
+            REGISTRY.inc('template_agent_manager_removed_bases_total',
+                         len(report['removed']))
+            REGISTRY.inc('template_agent_manager_reclaimed_bytes_total',
+                         report['reclaimed_bytes'])
         if not dry_run and self._uses_volumes():
             cache = self.context.image_volume_cache
             report['cache_retired'] = cache.refresh(self.source)
@@ -434,4 +485,26 @@ class TemplateAgent:
                 report['handlers'][name] = self.handler(name).init()
             except errors.UnknownHandler as exc:
                 report['handlers'][name] = {'error': str(exc)}
+            REGISTRY.inc('template_agent_links_restored_total',
+                         len(report['handlers'][name].get('restored', [])))
         return report
+
+    def metrics_gauges(self):
+        """Gauges computed at scrape time, for ``metrics.render``."""
+        rows, _ = self.list_images()
+        gauges = [
+            ('template_agent_base_images', {'state': state},
+             sum(1 for r in rows if r['in_use'] == (state == 'in_use')))
+            for state in ('in_use', 'unused')]
+        gauges.append(('template_agent_base_image_bytes', {},
+                       sum(r['disk_bytes'] for r in rows)))
+        if self._uses_volumes():
+            try:
+                counters = self.context.image_volume_cache.counters()
+            except errors.BackendUnavailable:
+                counters = {}
+            gauges.extend(
+                ('template_agent_image_volume_cache_events_total',
+                 {'event': event}, value)
+                for event, value in counters.items())
+        return gauges

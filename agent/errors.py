@@ -139,3 +139,8 @@ class CacheEntryHeld(AgentError):
 class CacheEntryNotFound(AgentError):
     message = "No image-volume cache entry for image %(image_id)s."
     falls_through = False
+
+
+class Cancelled(AgentError):
+    message = 'Cancelled: the service is stopping; nothing was published.'
+    falls_through = False

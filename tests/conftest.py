@@ -66,6 +66,7 @@ class AgentEnv:
                         'state_path': self.state},
             'libvirt': {'connection_uri': ''},
             'glance': {'num_retries': '2', 'read_timeout': '2'},
+            'api': {'socket_path': os.path.join(self.root, 'agent.sock')},
         }
         self.configure(**sections)
 

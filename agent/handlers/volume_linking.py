@@ -139,11 +139,13 @@ class VolumeLinkingTemplateImageHandler(BaseTemplateImageHandler):
             path = os.path.join(self.context.base_dir, entry.filename)
             with locks.base_lock(self.conf, entry.filename):
                 try:
+                    # before connecting: a link to a detached device (its
+                    # node stays) must be reported restored, not intact
+                    attached = links.target_attached(path)
                     props = self.backend.connection_properties(
                         entry.volume_id, read_only=True)
                     device = attach.connect(props)
-                    if links.link_target(path) == device and \
-                            os.path.exists(path):
+                    if links.link_target(path) == device and attached:
                         report['intact'].append(entry.filename)
                         continue
                     links.link_atomically(device, path)

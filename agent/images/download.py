@@ -25,6 +25,7 @@ from agent import errors
 from agent.images import inspection
 from agent.images.glance import backoff_delays
 from agent.images.sources import TransientSourceError
+from agent.metrics import REGISTRY
 
 SPARSE_BLOCK = 64 * 1024
 _ZERO_BLOCK = bytes(SPARSE_BLOCK)
@@ -224,6 +225,7 @@ def download(source, image, dest, retries=3, progress=None):
     delays = backoff_delays(retries)
     fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     hasher = None
+    started, offset = time.monotonic(), 0
     try:
         while True:
             hasher = _FileHasher(dest, expected[0]) if expected else None
@@ -277,6 +279,9 @@ def download(source, image, dest, retries=3, progress=None):
         raise
     finally:
         os.close(fd)
+        REGISTRY.inc('template_agent_downloaded_bytes_total', offset)
+        REGISTRY.inc('template_agent_download_seconds_total',
+                     time.monotonic() - started)
     return Download(image, DownloadResult(
         size=offset, inspector=inspector,
         hash_algo=expected[0] if expected else None,

@@ -2,6 +2,7 @@
 one, never none."""
 
 import os
+import stat
 
 from agent import files, naming
 
@@ -19,3 +20,23 @@ def link_target(link_path):
         return os.readlink(link_path)
     except OSError:
         return None
+
+
+def target_attached(link_path):
+    """Whether ``link_path`` resolves to a block device that has a medium.
+
+    A detached loop device keeps its ``/dev/loopN`` node (it exists, with
+    size 0) after ``losetup -d`` and after a reboot, so ``os.path.exists``
+    cannot tell a live link from a stale one.
+    """
+    try:
+        fd = os.open(link_path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        return stat.S_ISBLK(os.fstat(fd).st_mode) and \
+            os.lseek(fd, 0, os.SEEK_END) > 0
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
