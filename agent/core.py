@@ -419,6 +419,12 @@ class TemplateAgent:
     def delete_volume(self, volume_id):
         backend = self.context.volume_backend
         volume = backend.get(volume_id)
+        linked = [e.filename for e in self.index.all()
+                  if e.volume_id == volume_id]
+        if linked:
+            raise errors.AgentError(
+                'volume %s is linked as base image %s; remove that base '
+                'first' % (volume_id, ', '.join(linked)))
         if volume.metadata.get('kind') == 'template':
             raise errors.AgentError(
                 'volume %s is the image-volume cache template of image %s; '
