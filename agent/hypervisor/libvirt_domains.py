@@ -26,10 +26,14 @@ def domain_disk_paths(uri):
         paths = []
         for dom in conn.listAllDomains(0):
             try:
-                xml = dom.XMLDesc(0)
+                xmls = [dom.XMLDesc(0)]
+                if dom.isActive() and dom.isPersistent():
+                    # the definition for the next boot may have other disks
+                    xmls.append(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
             except libvirt.libvirtError:
                 continue  # undefined while we looked
-            paths.extend((dom.name(), p) for p in disk_paths_from_xml(xml))
+            found = {p for xml in xmls for p in disk_paths_from_xml(xml)}
+            paths.extend((dom.name(), p) for p in sorted(found))
         return paths
     except libvirt.libvirtError as exc:
         raise errors.UsageUnknown(reason='libvirt at %s failed: %s'
