@@ -19,6 +19,7 @@ from agent.cache import manager
 from agent.cache.index import BaseImage, BaseImageIndex
 from agent.handlers import registry
 from agent.handlers.base import HandlerContext
+from agent.linking import links
 from agent.hypervisor.usage import UsageScanner
 from agent.images import sources
 
@@ -100,9 +101,10 @@ class TemplateAgent:
             registry.load(name)
         self._ensure_dirs()
         with self.lock(filename):
-            if os.path.islink(path) and not os.path.exists(path):
-                # a link whose device is gone (e.g. after a reboot, before
-                # init): undo it through its handler and prepare anew
+            if os.path.islink(path) and not links.target_attached(path):
+                # a link whose device is gone or detached (e.g. after a
+                # reboot, before init): undo it through its handler and
+                # prepare anew
                 entry = self.index.get(filename) or self._adopt(filename)
                 self.handler(entry.handler).remove_image(entry, path)
                 self.index.delete(filename)
@@ -211,6 +213,14 @@ class TemplateAgent:
                     self._adopt(filename)
                     adopted.append(filename)
                 elif not exists and entry is not None:
+                    # removed behind the agent's back (e.g. by nova's own
+                    # cache manager): let its handler release what it held
+                    try:
+                        self.handler(entry.handler).remove_image(
+                            entry, os.path.join(self.base_dir, filename))
+                    except (errors.AgentError, OSError) as exc:
+                        LOG.warning('releasing vanished base %s: %s',
+                                    filename, exc)
                     self.index.delete(filename)
                     dropped.append(filename)
         return adopted, dropped
@@ -342,8 +352,10 @@ class TemplateAgent:
         size = size_gb * 1024 ** 3
         metadata = {'kind': 'volume', 'image_id': image_id,
                     'project_id': project_id}
+        if image.virtual_size:
+            self._check_volume_size(image_id, size, image.virtual_size)
         if cache.allowed(image, project_id)[0]:
-            holder = 'clone:%s' % uuid.uuid4()
+            holder = cache.clone_holder()
             entry = cache.acquire(image, self.source, holder,
                                   project_id=project_id, progress=progress)
             try:

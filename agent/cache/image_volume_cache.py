@@ -26,8 +26,10 @@ import logging
 import os
 import socket
 import time
+import uuid
 
 import diskcache
+import psutil
 from oslo_concurrency import lockutils
 from oslo_utils import timeutils
 
@@ -174,12 +176,27 @@ class ImageVolumeCache:
             else:
                 self._put(current)
 
-    def hold(self, entry, holder):
-        with self.lock(entry.image_id):
-            current = self._reload(entry)
-            if current is not None:
-                current.holders[holder] = time.time()
-                self._put(current)
+    def clone_holder(self):
+        """A holder id for a clone in progress in this process; a pass
+        releases it if the process died (``release_dead_clone_holds``)."""
+        return 'clone:%s:%d:%s' % (self.host, os.getpid(), uuid.uuid4())
+
+    def release_dead_clone_holds(self):
+        """Release clone holds of processes of this host that are gone."""
+        released = []
+        prefix = 'clone:%s:' % self.host
+        for entry in self.entries():
+            for holder in list(entry.holders):
+                if not holder.startswith(prefix):
+                    continue
+                try:
+                    pid = int(holder[len(prefix):].split(':', 1)[0])
+                except ValueError:
+                    continue
+                if not psutil.pid_exists(pid):
+                    self.release(entry, holder)
+                    released.append(holder)
+        return released
 
     def _reload(self, entry):
         data = self.db.get('entry:' + entry.volume_id)
@@ -234,7 +251,8 @@ class ImageVolumeCache:
         self._event('evict', entry, reason=reason)
 
     def evict(self, image_id):
-        """Evict every unheld entry of ``image_id``; refuse held ones."""
+        """Evict every entry of ``image_id``; refuse (evicting none) if any
+        of them is held."""
         entries = self.entries(image_id)
         if not entries:
             raise errors.CacheEntryNotFound(image_id=image_id)
@@ -290,7 +308,9 @@ class ImageVolumeCache:
         return evicted
 
     def refresh(self, source):
-        """Retire entries whose image changed or is gone from the source."""
+        """Retire entries whose image changed or is gone from the source
+        (and release the holds of clones whose process died)."""
+        self.release_dead_clone_holds()
         retired = []
         for entry in self.entries():
             if entry.state != 'fresh':

@@ -93,7 +93,7 @@ class DownloadingTemplateImageHandler(BaseTemplateImageHandler):
     def remove_image(self, entry, path):
         if os.path.isdir(path) and not os.path.islink(path):
             raise errors.AgentError('%s is a directory; not removed' % path)
-        os.unlink(path)  # unlinks a symlink itself, never its target
+        unlink_quietly(path)  # a symlink itself, never its target
 
 
 def virtual_size_or_size(image):

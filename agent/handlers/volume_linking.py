@@ -156,27 +156,4 @@ class VolumeLinkingTemplateImageHandler(BaseTemplateImageHandler):
                     report['failed'].append({'filename': entry.filename,
                                              'image_id': entry.image_id,
                                              'reason': str(exc)})
-        report['released'] = self._release_orphaned_holds()
         return report
-
-    def _release_orphaned_holds(self):
-        """Links of this host removed behind the agent's back (e.g. by
-        nova's own image cache manager; the core then drops their index
-        entries): release their holds on cache entries, which could
-        otherwise never be evicted, and detach their devices."""
-        released = []
-        prefix = self._holder(os.path.join(self.context.base_dir, ''))
-        for cache_entry in self.cache.entries():
-            for holder in sorted(cache_entry.holders):
-                filename = holder[len(prefix):]
-                if not holder.startswith(prefix) or '/' in filename:
-                    continue
-                path = os.path.join(self.context.base_dir, filename)
-                with locks.base_lock(self.conf, filename):
-                    if os.path.islink(path):
-                        continue
-                    self._detach_if_unlinked(cache_entry.volume_id,
-                                             exclude=path)
-                    self.cache.release(cache_entry, holder)
-                    released.append(filename)
-        return released

@@ -233,13 +233,18 @@ class LocalVolumeBackend(VolumeBackend):
 
     # -- loop devices ---------------------------------------------------------
     def _devices(self, path, read_only=None):
-        """Loop devices backed by ``path`` (optionally of one access mode)."""
-        out = _losetup('-n', '-O', 'NAME,RO', '-j', path)
+        """Loop devices backed by ``path`` (optionally of one access mode).
+
+        A device with autoclear set is being detached (``losetup -d`` while
+        something, e.g. udev probing it, still had it open): it goes away
+        on its own and must not be handed out again.
+        """
+        out = _losetup('-n', '-O', 'NAME,RO,AUTOCLEAR', '-j', path)
         devices = []
         for line in out.splitlines():
             parts = line.split()
-            if len(parts) == 2 and (read_only is None or
-                                    (parts[1] == '1') == read_only):
+            if len(parts) == 3 and parts[2] != '1' and (
+                    read_only is None or (parts[1] == '1') == read_only):
                 devices.append(parts[0])
         return devices
 
