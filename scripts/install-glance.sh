@@ -34,18 +34,9 @@ if check; then
     exit 0
 fi
 
-APT_PACKAGES=(python3 python3-venv python3-dev gcc ca-certificates curl)
-missing=()
-for p in "${APT_PACKAGES[@]}"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" \
-        || missing+=("$p")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-    echo "install-glance: installing ${missing[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
+source "$(dirname "$0")/lib.sh"
+apt_install_missing install-glance python3 python3-venv python3-dev gcc \
+    ca-certificates curl
 
 if [ ! -x "$GLANCE_VENV/bin/python" ]; then
     mkdir -p "$(dirname "$GLANCE_VENV")"

@@ -5,29 +5,19 @@
 # virtlogd and libvirtd itself, without systemd).
 set -euo pipefail
 
-PACKAGES=(libvirt-daemon-system libvirt-daemon-driver-qemu qemu-system-x86
-          qemu-utils)
-missing=()
-for p in "${PACKAGES[@]}"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" \
-        || missing+=("$p")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-    echo "install-libvirtd: installing ${missing[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    # no systemd on test machines: keep maintainer scripts from starting
-    # services (policy-rc.d 101 = "action forbidden"), restore it afterwards
-    policy=/usr/sbin/policy-rc.d
-    created_policy=
-    if [ ! -e "$policy" ]; then
-        printf '#!/bin/sh\nexit 101\n' > "$policy"
-        chmod 0755 "$policy"
-        created_policy=1
-    fi
-    trap 'if [ -n "$created_policy" ]; then rm -f "$policy"; fi' EXIT
-    apt-get update -qq
-    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+source "$(dirname "$0")/lib.sh"
+# no systemd on test machines: keep maintainer scripts from starting services
+# (policy-rc.d 101 = "action forbidden") while installing, then restore
+policy=/usr/sbin/policy-rc.d
+created_policy=
+if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\nexit 101\n' > "$policy"
+    chmod 0755 "$policy"
+    created_policy=1
 fi
+trap 'if [ -n "$created_policy" ]; then rm -f "$policy"; fi' EXIT
+apt_install_missing install-libvirtd libvirt-daemon-system \
+    libvirt-daemon-driver-qemu qemu-system-x86 qemu-utils
 
 for tool in libvirtd virtlogd qemu-system-x86_64 qemu-img virsh; do
     command -v "$tool" >/dev/null || {

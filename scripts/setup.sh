@@ -4,19 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(qemu-utils libvirt-dev pkg-config gcc python3-venv python3-dev
-              util-linux fdisk e2fsprogs xfsprogs curl time)
-missing=()
-for p in "${APT_PACKAGES[@]}"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" \
-        || missing+=("$p")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-    echo "setup: installing ${missing[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
+source scripts/lib.sh
+apt_install_missing setup qemu-utils libvirt-dev pkg-config gcc python3-venv \
+    python3-dev util-linux fdisk e2fsprogs xfsprogs curl time systemd
 
 # real peers the tests start: libvirtd + QEMU, and Glance in its own venv
 bash scripts/install-libvirtd.sh
