@@ -8,9 +8,6 @@ source scripts/lib.sh
 apt_install_missing setup qemu-utils libvirt-dev pkg-config gcc python3-venv \
     python3-dev util-linux fdisk e2fsprogs xfsprogs curl time systemd
 
-# real peers the tests start: libvirtd + QEMU, and Glance in its own venv
-bash scripts/install-libvirtd.sh
-
 PYTHON=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv

@@ -3,5 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-bash scripts/install-glance.sh   # real Glance in its own venv, for tests/test_glance_real.py
+# the real peers the tests start: libvirtd + QEMU, Glance in its own venv
+bash scripts/install-libvirtd.sh
+bash scripts/install-glance.sh
 exec .venv/bin/pytest -q -rs tests "$@"
