@@ -23,7 +23,8 @@ def link_target(link_path):
 
 
 def target_attached(link_path):
-    """Whether ``link_path`` resolves to a block device that has a medium.
+    """Whether ``link_path`` resolves to something usable: a file, or a
+    block device that has a medium.
 
     A detached loop device keeps its ``/dev/loopN`` node (it exists, with
     size 0) after ``losetup -d`` and after a reboot, so ``os.path.exists``
@@ -34,8 +35,10 @@ def target_attached(link_path):
     except OSError:
         return False
     try:
-        return stat.S_ISBLK(os.fstat(fd).st_mode) and \
-            os.lseek(fd, 0, os.SEEK_END) > 0
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISBLK(mode):
+            return not stat.S_ISDIR(mode)
+        return os.lseek(fd, 0, os.SEEK_END) > 0
     except OSError:
         return False
     finally:
