@@ -684,19 +684,7 @@ def main(argv=None):
         phases = PhaseTimer()
         phases.install()
         bench = Bench(args, workdir, server, images, drop, phases)
-        results = {key: [] for key, _, _, _ in OPERATIONS}
-        rss = {key: [] for key, _, _, _ in OPERATIONS}
-        for r in range(args.runs):
-            order = OPERATIONS if r % 2 == 0 else OPERATIONS[::-1]
-            for key, label, _, op in order:
-                elapsed, peak = op(bench, r == 0)  # full compare once
-                results[key].append(elapsed)
-                if peak:
-                    rss[key].append(peak)
-                print('  round %d  %-42s %7.3f s%s' % (
-                    r + 1, label, elapsed,
-                    '  peak RSS %.1f MiB' % (peak / 1024) if peak else ''),
-                    flush=True)
+        results, rss = run_rounds(bench, OPERATIONS, args.runs)
         phases.uninstall()
         help_warm = [bench.cli_help(False)[0]
                      for _ in range(max(5, args.runs))]
@@ -707,6 +695,25 @@ def main(argv=None):
         if server is not None:
             server.stop()
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def run_rounds(bench, operations, runs):
+    """Run every operation ``runs`` times, the order reversed every other
+    round; return ``(times, peak RSS)`` lists by operation key."""
+    results = {key: [] for key, _, _, _ in operations}
+    rss = {key: [] for key, _, _, _ in operations}
+    for r in range(runs):
+        order = operations if r % 2 == 0 else operations[::-1]
+        for key, label, _, op in order:
+            elapsed, peak = op(bench, r == 0)  # full compare once
+            results[key].append(elapsed)
+            if peak:
+                rss[key].append(peak)
+            print('  round %d  %-42s %7.3f s%s' % (
+                r + 1, label, elapsed,
+                '  peak RSS %.1f MiB' % (peak / 1024) if peak else ''),
+                flush=True)
+    return results, rss
 
 
 if __name__ == '__main__':

@@ -395,19 +395,7 @@ def main(argv=None):
         phases.install()
         bench = GlanceBench(args, workdir, glance, images, drop, phases,
                             glance_bin=glance_bin)
-        results = {key: [] for key, _, _, _ in OPERATIONS}
-        rss = {key: [] for key, _, _, _ in OPERATIONS}
-        for r in range(args.runs):
-            order = OPERATIONS if r % 2 == 0 else OPERATIONS[::-1]
-            for key, label, _, op in order:
-                elapsed, peak = op(bench, r == 0)  # full compare once
-                results[key].append(elapsed)
-                if peak:
-                    rss[key].append(peak)
-                print('  round %d  %-42s %7.3f s%s' % (
-                    r + 1, label, elapsed,
-                    '  peak RSS %.1f MiB' % (peak / 1024) if peak else ''),
-                    flush=True)
+        results, rss = dl.run_rounds(bench, OPERATIONS, args.runs)
         phases.uninstall()
         phases_done, phases = phases, None
         report(results, rss, image_info, args, drop, phases_done, version,
