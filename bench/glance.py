@@ -138,32 +138,21 @@ class GlanceBench(dl.Bench):
             dl.rm_rf(root)
 
 
+_SHARED = {op[0]: op for op in dl.OPERATIONS}
 OPERATIONS = [
-    # key, label, checks, callable(bench, check)
-    ('curl_raw', 'raw: curl -o (baseline a)', 'none',
-     lambda b, c: b.curl('raw', False, c)),
-    ('curl_sync_raw', 'raw: curl -o + sync', 'none (fsync by sync)',
-     lambda b, c: b.curl('raw', True, c)),
+    # key, label, checks, callable(bench, check); the curl, two-step and
+    # agent rows are bench/download.py's
+    _SHARED['curl_raw'], _SHARED['curl_sync_raw'],
     ('gc_raw', 'raw: glance image-download', 'md5/sha512, no fsync',
      lambda b, c: b.glanceclient('raw', False, c)),
     ('gc_sync_raw', 'raw: glance image-download + sync', 'md5/sha512',
      lambda b, c: b.glanceclient('raw', True, c)),
-    ('agent_raw', 'raw: agent fetch, in process', 'sha512+inspect+fsync',
-     lambda b, c: b.agent_inproc('raw', c)),
-    ('cli_raw', 'raw: template-agent fetch (CLI)', 'sha512+inspect+fsync',
-     lambda b, c: b.agent_cli('raw', c)),
-    ('curl_q', 'qcow2: curl -o (baseline q)', 'none',
-     lambda b, c: b.curl('qcow2', False, c)),
+    _SHARED['agent_raw'], _SHARED['cli_raw'], _SHARED['curl_q'],
     ('gc_q', 'qcow2: glance image-download', 'md5/sha512, no fsync',
      lambda b, c: b.glanceclient('qcow2', False, c)),
     ('nova_q', "qcow2: nova's way (glanceclient+convert)",
      'hash+qemu-img info', lambda b, c: b.nova_way(c)),
-    ('two_step_q', 'qcow2: curl+info+convert+rename+sync', 'qemu-img info',
-     lambda b, c: b.two_step(c)),
-    ('agent_q', 'qcow2: agent fetch, in process',
-     'sha512+inspect+convert+fsync', lambda b, c: b.agent_inproc('qcow2', c)),
-    ('cli_q', 'qcow2: template-agent fetch (CLI)',
-     'sha512+inspect+convert+fsync', lambda b, c: b.agent_cli('qcow2', c)),
+    _SHARED['two_step_q'], _SHARED['agent_q'], _SHARED['cli_q'],
 ]
 
 

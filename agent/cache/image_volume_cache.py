@@ -33,7 +33,7 @@ import psutil
 from oslo_concurrency import lockutils
 from oslo_utils import timeutils
 
-from agent import errors
+from agent import errors, files
 from agent.images import download
 
 LOG = logging.getLogger(__name__)
@@ -228,8 +228,7 @@ class ImageVolumeCache:
                 self.backend.delete(volume_id)
             raise
         finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(part)
+            files.unlink_quietly(part)
         now = time.time()
         return CacheEntry(image_id=image.id, volume_id=volume_id,
                           backend=self.backend.name, size_bytes=virtual_size,

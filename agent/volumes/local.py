@@ -21,7 +21,7 @@ import uuid
 
 from oslo_concurrency import lockutils
 
-from agent import errors
+from agent import errors, files
 from agent.volumes.base import Volume, VolumeBackend
 
 FICLONE = 0x40049409
@@ -170,8 +170,7 @@ class LocalVolumeBackend(VolumeBackend):
             path = self._file(volume_id)
             self._detach_all(path)
             for p in (path, self._meta_file(volume_id)):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(p)
+                files.unlink_quietly(p)
 
     def clone(self, volume_id, size_bytes, metadata):
         src = self._file(volume_id)
@@ -189,8 +188,7 @@ class LocalVolumeBackend(VolumeBackend):
                                           source_volume=volume_id))
         except BaseException:
             for p in (dst, self._meta_file(new_id)):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(p)
+                files.unlink_quietly(p)
             raise
         return new_id
 
