@@ -10,10 +10,11 @@ import concurrent.futures
 import functools
 import logging
 import os
+import stat
 import time
 import uuid
 
-from agent import config, errors, locks, naming
+from agent import config, errors, files, identity, locks, naming
 from agent.metrics import REGISTRY
 from agent.cache import manager
 from agent.cache.index import BaseImage, BaseImageIndex
@@ -35,9 +36,25 @@ def disk_bytes(path):
     return st.st_blocks * 512
 
 
+def lstat_or_none(name, dir_fd):
+    try:
+        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+
+
+def is_base_kind(st):
+    """A base is a regular file or a symlink (to a file or a device);
+    anything else under a base's name (a FIFO, a socket, a directory) is
+    not one, and is never opened, adopted or removed."""
+    return stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)
+
+
 class TemplateAgent:
     def __init__(self, conf):
         self.conf = conf
+        # from here on this process works as the owner of instances_path
+        self.owner = identity.enter(conf)
         self.base_dir = config.base_dir(conf)
         self._source = None
         self._index = None
@@ -79,16 +96,15 @@ class TemplateAgent:
         if 'image_volume_cache' in self.context.__dict__:
             self.context.image_volume_cache.close()
 
-    def _ensure_dirs(self):
-        os.makedirs(self.base_dir, exist_ok=True)
-        os.makedirs(config.lock_dir(self.conf), exist_ok=True)
-
     def base_path(self, image_id):
         naming.validate_image_id(image_id)
         return os.path.join(self.base_dir, naming.base_filename(image_id))
 
-    def lock(self, filename):
-        return locks.base_lock(self.conf, filename)
+    def lock(self, filename, progress=None):
+        """nova's lock for a base; while it is busy, ``progress`` (if any)
+        is called, so a cancelled job stops waiting."""
+        wait = (lambda: progress(0, None)) if progress else None
+        return locks.base_lock(self.conf, filename, wait=wait)
 
     # -- fetch ----------------------------------------------------------------
     def fetch_image(self, image_id, handler=None, project_id=None,
@@ -99,17 +115,24 @@ class TemplateAgent:
         names = [handler] if handler else self.chain_names
         for name in names:
             registry.load(name)
-        self._ensure_dirs()
-        with self.lock(filename):
-            if os.path.islink(path) and not links.target_attached(path):
+        with self.lock(filename, progress), \
+                self.context.base_dir_fd() as dir_fd:
+            st = lstat_or_none(filename, dir_fd)
+            if st is not None and not is_base_kind(st):
+                raise errors.UnsafePath(
+                    path=path, reason='it is neither a file nor a symlink; '
+                    'remove it')
+            if st is not None and stat.S_ISLNK(st.st_mode) and \
+                    not links.target_attached(filename, dir_fd):
                 # a link whose device is gone or detached (e.g. after a
                 # reboot, before init): undo it through its handler and
                 # prepare anew
-                entry = self.index.get(filename) or self._adopt(filename)
+                entry = self.index.get(filename) or self._adopt(st, filename)
                 self.handler(entry.handler).remove_image(entry, path)
                 self.index.delete(filename)
-            if os.path.lexists(path):
-                entry = self.index.get(filename) or self._adopt(filename)
+                st = None
+            if st is not None:
+                entry = self.index.get(filename) or self._adopt(st, filename)
                 if entry.image_id is None:
                     entry.image_id = image_id
                 entry.last_used = time.time()
@@ -140,7 +163,7 @@ class TemplateAgent:
                                 'next: %s', name, image_id, exc)
                     reasons.append('%s: %s' % (name, exc))
                     continue
-                os.utime(path, follow_symlinks=False)
+                os.utime(filename, dir_fd=dir_fd, follow_symlinks=False)
                 entry.created = entry.last_used = time.time()
                 self.index.put(entry)
                 REGISTRY.inc('template_agent_fetches_total', handler=name,
@@ -188,8 +211,8 @@ class TemplateAgent:
                 future.result()
         return results
 
-    def _adopt(self, filename):
-        st = os.lstat(os.path.join(self.base_dir, filename))
+    def _adopt(self, st, filename):
+        """Record a base nova made (``st``: its lstat)."""
         entry = BaseImage(filename=filename, handler='downloading',
                           source='nova', size_bytes=st.st_size,
                           created=st.st_mtime, last_used=st.st_mtime,
@@ -205,14 +228,13 @@ class TemplateAgent:
         known = {e.filename for e in self.index.all()}
         adopted, dropped = [], []
         for filename in sorted(present ^ known):
-            with self.lock(filename):
-                exists = os.path.lexists(os.path.join(self.base_dir,
-                                                      filename))
+            with self.lock(filename), self.context.base_dir_fd() as dir_fd:
+                st = lstat_or_none(filename, dir_fd)
                 entry = self.index.get(filename)
-                if exists and entry is None:
-                    self._adopt(filename)
+                if st is not None and is_base_kind(st) and entry is None:
+                    self._adopt(st, filename)
                     adopted.append(filename)
-                elif not exists and entry is not None:
+                elif st is None and entry is not None:
                     # removed behind the agent's back (e.g. by nova's own
                     # cache manager): let its handler release what it held
                     try:
@@ -254,8 +276,7 @@ class TemplateAgent:
 
     def list_images(self):
         """Every base with its users; usage problems become warnings."""
-        if os.path.isdir(self.base_dir):
-            self.reconcile()
+        self.reconcile()
         entries = sorted(self.index.all(), key=lambda e: e.filename)
         paths = [os.path.join(self.base_dir, e.filename) for e in entries]
         usage = self.scanner.scan(paths, strict=False)
@@ -264,10 +285,12 @@ class TemplateAgent:
     def show_image(self, image_id):
         path = self.base_path(image_id)
         filename = os.path.basename(path)
-        if not os.path.lexists(path):
+        with self.context.base_dir_fd() as dir_fd:
+            st = lstat_or_none(filename, dir_fd)
+        if st is None or not is_base_kind(st):
             raise errors.BaseImageNotFound(image_id=image_id,
                                            path=self.base_dir)
-        entry = self.index.get(filename) or self._adopt(filename)
+        entry = self.index.get(filename) or self._adopt(st, filename)
         usage = self.scanner.scan([path], strict=False)
         info = self.describe(entry, usage)
         info['usage_warnings'] = usage.warnings
@@ -283,19 +306,22 @@ class TemplateAgent:
         :raises BaseImageInUse: something uses it
         """
         path = os.path.join(self.base_dir, filename)
-        with self.lock(filename):
-            try:
-                st = os.lstat(path)
-            except FileNotFoundError:
+        with self.lock(filename), self.context.base_dir_fd() as dir_fd:
+            st = lstat_or_none(filename, dir_fd)
+            if st is None:
                 self.index.delete(filename)
                 return None
+            if not is_base_kind(st):
+                raise errors.UnsafePath(
+                    path=path, reason='it is neither a file nor a symlink; '
+                    'not removed')
             if check_age is not None and not check_age(st):
                 return None
             usage = self.scanner.scan([path], strict=True)
             if usage.in_use(path):
                 raise errors.BaseImageInUse(path=path,
                                             users=', '.join(usage.users[path]))
-            entry = self.index.get(filename) or self._adopt(filename)
+            entry = self.index.get(filename) or self._adopt(st, filename)
             info = self.describe(entry, usage)
             self.handler(entry.handler).remove_image(entry, path)
             self.index.delete(filename)
@@ -305,9 +331,6 @@ class TemplateAgent:
 
     def remove_image(self, image_id):
         path = self.base_path(image_id)
-        if not os.path.lexists(path):
-            raise errors.BaseImageNotFound(image_id=image_id,
-                                           path=self.base_dir)
         info = self.remove_base(os.path.basename(path))
         if info is None:
             raise errors.BaseImageNotFound(image_id=image_id,
@@ -384,11 +407,15 @@ class TemplateAgent:
                 volume_id = backend.create(size, metadata)
                 backend.write_image(volume_id, tmp, fmt)
 
-            download.download_verified(
-                self.source, image, tmp, then=write_volume,
-                retries=self.conf.glance.num_retries,
-                max_virtual_size=self.conf.max_image_virtual_size_gb
-                * 1024 ** 3, progress=progress)
+            tmp_fd = os.open(tmp, files.NEW_FLAGS, 0o600)
+            try:
+                download.download_verified(
+                    self.source, image, tmp_fd, then=write_volume,
+                    retries=self.conf.glance.num_retries,
+                    max_virtual_size=self.conf.max_image_virtual_size_gb
+                    * 1024 ** 3, progress=progress)
+            finally:
+                os.close(tmp_fd)
             return volume_id
         except BaseException:
             if volume_id:
@@ -482,16 +509,17 @@ class TemplateAgent:
     def init(self):
         """After a restart: delete half-written files, reconcile the index,
         and let every handler that prepared a base re-prepare its own."""
-        self._ensure_dirs()
         cleaned = []
-        for name in sorted(os.listdir(self.base_dir)):
+        with self.context.base_dir_fd() as dir_fd:
+            names = sorted(os.listdir(dir_fd))
+        for name in names:
             owner = naming.temp_owner(name)
             if owner is None:
                 continue
-            with self.lock(owner):
-                path = os.path.join(self.base_dir, name)
-                if os.path.lexists(path) and not os.path.isdir(path):
-                    os.unlink(path)
+            with self.lock(owner), self.context.base_dir_fd() as dir_fd:
+                st = lstat_or_none(name, dir_fd)
+                if st is not None and not stat.S_ISDIR(st.st_mode):
+                    files.unlink_quietly(name, dir_fd=dir_fd)
                     cleaned.append(name)
         adopted, dropped = self.reconcile()
         report = {'cleaned': cleaned, 'adopted': adopted, 'dropped': dropped,

@@ -144,3 +144,10 @@ class CacheEntryNotFound(AgentError):
 class Cancelled(AgentError):
     message = 'Cancelled: the service is stopping; nothing was published.'
     falls_through = False
+
+
+class UnsafePath(AgentError):
+    message = ("Refusing %(path)s: %(reason)s. The directories under "
+               "instances_path must be real directories owned by the user "
+               "that owns instances_path; fix them (e.g. chown -R nova: "
+               "$instances_path/_base) and retry.")

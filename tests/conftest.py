@@ -58,6 +58,7 @@ class AgentEnv:
         self.root = str(root)
         os.makedirs(self.root, exist_ok=True)
         self.instances = instances or os.path.join(self.root, 'instances')
+        os.makedirs(self.instances, exist_ok=True)  # nova's, as on a host
         self.state = os.path.join(self.root, 'state')
         self.base_dir = os.path.join(self.instances, '_base')
         self.conf_path = os.path.join(self.root, 'agent.conf')
@@ -127,6 +128,21 @@ def same_content(a, b):
     proc = subprocess.run(['qemu-img', 'compare', a, b], capture_output=True,
                           text=True)
     return proc.returncode == 0
+
+
+def files_written(pid, directory):
+    """stat results of the files process ``pid`` has open in
+    ``directory`` (named or not)."""
+    found = []
+    fd_dir = '/proc/%d/fd' % pid
+    for fd in os.listdir(fd_dir):
+        try:
+            target = os.readlink(os.path.join(fd_dir, fd))
+            if target.startswith(directory + '/'):
+                found.append(os.stat(os.path.join(fd_dir, fd)))
+        except OSError:
+            continue
+    return found
 
 
 @pytest.fixture(scope='session', autouse=True)

@@ -13,7 +13,8 @@ import time
 import pytest
 
 from agent import errors
-from tests.conftest import REPO, make_raw, qemu_img, same_content
+from tests.conftest import (REPO, files_written, make_raw, qemu_img,
+                            same_content)
 
 MiB = 1024 * 1024
 
@@ -272,13 +273,16 @@ def test_sigkill_mid_stream_leaves_nothing_final(glance_env, glance,
          glance_env.conf_path, 'fetch', 'killme'],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         env=dict(os.environ, PYTHONPATH=REPO))
-    part = os.path.join(glance_env.base_dir, sha1('killme') + '.part')
     deadline = time.time() + 30
-    while time.time() < deadline and not (
-            os.path.exists(part) and os.path.getsize(part) >= MiB):
+    while time.time() < deadline and not any(
+            st.st_size >= MiB for st in files_written(proc.pid,
+                                                     glance_env.base_dir)):
         time.sleep(0.05)
     try:
-        assert os.path.exists(part), 'the fetch never started writing'
+        assert files_written(proc.pid, glance_env.base_dir), \
+            'the fetch never started writing'
+        # the file being written has no name in _base yet
+        assert glance_env.base_files() == []
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
@@ -370,9 +374,9 @@ def test_disk_filling_up_mid_stream_fails_cleanly(tiny_fs, glance, tmp_path):
         [sys.executable, '-m', 'agent.cli', '--config-file', env.conf_path,
          'fetch', 'img'], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True, env=dict(os.environ, PYTHONPATH=REPO))
-    part = os.path.join(env.base_dir, sha1('img') + '.part')
     deadline = time.time() + 20
-    while time.time() < deadline and not os.path.exists(part):
+    while time.time() < deadline and not files_written(proc.pid,
+                                                       env.base_dir):
         time.sleep(0.02)
     # while the server stalls, something else fills the disk
     filler = os.path.join(tiny_fs, 'filler')

@@ -22,7 +22,7 @@ import uuid
 import pytest
 
 from agent import errors
-from tests.conftest import REPO, AgentEnv, same_content
+from tests.conftest import REPO, AgentEnv, files_written, same_content
 from tests.real_glance import own_real_glance, real_glance  # noqa: F401
 
 MiB = 1024 * 1024
@@ -491,7 +491,6 @@ def test_glance_hung_mid_download_fails_after_bounded_retries(
     record = glance.create_image('big', big_image)
     image_id = record['id']
     glance_env(env, glance, num_retries=2, read_timeout=1)
-    part = os.path.join(env.base_dir, sha1(image_id) + '.part')
     proc = subprocess.Popen(
         [sys.executable, '-m', 'agent.cli', '--config-file', env.conf_path,
          'fetch', image_id], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -499,15 +498,14 @@ def test_glance_hung_mid_download_fails_after_bounded_retries(
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                if os.path.getsize(part) >= MiB:
-                    break
-            except FileNotFoundError:
-                pass
+            if any(st.st_size >= MiB
+                   for st in files_written(proc.pid, env.base_dir)):
+                break
             time.sleep(0.001)
         glance.freeze()
         frozen_at = time.monotonic()
-        written = os.path.getsize(part) if os.path.exists(part) else None
+        written = max((st.st_size for st in files_written(
+            proc.pid, env.base_dir)), default=None)
         _, stderr = proc.communicate(timeout=120)
         elapsed = time.monotonic() - frozen_at
     finally:

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from agent import client
-from tests.conftest import REPO, make_raw
+from tests.conftest import REPO, files_written, make_raw
 
 MiB = 1024 * 1024
 
@@ -275,13 +275,12 @@ def test_sigterm_during_a_fetch_publishes_nothing_and_exits_0(
     glance_env.configure(glance={'read_timeout': 60})
     service.start()
     job = service.api().request('POST', '/v1/images/slow/fetch', {})
-    part = os.path.join(glance_env.base_dir,
-                        __import__('hashlib').sha1(b'slow').hexdigest()
-                        + '.part')
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and not os.path.exists(part):
+    while time.monotonic() < deadline and not files_written(
+            service.proc.pid, glance_env.base_dir):
         time.sleep(0.05)
-    assert os.path.exists(part), service.log()
+    assert files_written(service.proc.pid, glance_env.base_dir), \
+        service.log()
     assert job['state'] == 'running'
     assert service.stop() == 0
     assert 'STOPPING=1' in service.notify.messages

@@ -218,11 +218,16 @@ class ImageVolumeCache:
                     'kind': 'template', 'image_id': image.id})
                 self.backend.write_image(volume_id, part, fmt)
 
-            _, virtual_size, _, _ = download.download_verified(
-                source, image, part, then=write_template,
-                retries=self.conf.glance.num_retries,
-                max_virtual_size=self.conf.max_image_virtual_size_gb * GiB,
-                progress=progress)
+            files.unlink_quietly(part)
+            part_fd = os.open(part, files.NEW_FLAGS, 0o600)
+            try:
+                _, virtual_size, _, _ = download.download_verified(
+                    source, image, part_fd, then=write_template,
+                    retries=self.conf.glance.num_retries,
+                    max_virtual_size=self.conf.max_image_virtual_size_gb *
+                    GiB, progress=progress)
+            finally:
+                os.close(part_fd)
         except BaseException:
             if volume_id:
                 self.backend.delete(volume_id)

@@ -9,9 +9,10 @@ unlinked, never followed).
 
 import logging
 import os
+import stat
 import time
 
-from agent import errors, naming
+from agent import errors, files, naming
 
 LOG = logging.getLogger(__name__)
 
@@ -19,18 +20,32 @@ LOG = logging.getLogger(__name__)
 def base_names(base_dir):
     """Names in ``base_dir`` that are base images (sha1 or sha1_size).
 
-    A real directory is never a base, whatever its name: it is left alone
-    (a symlink is a base, whatever it points at; removal only unlinks it).
+    Only regular files and symlinks are bases (a symlink whatever it points
+    at; removal only unlinks it). A directory, a FIFO or a socket is never
+    a base, whatever its name: it is left alone.
+
+    :raises UnsafePath: ``base_dir`` is not a directory the agent's user
+        owns (e.g. a symlink)
     """
-    if not os.path.isdir(base_dir):
+    try:
+        dir_fd = files.open_dir(base_dir, os.geteuid())
+    except FileNotFoundError:
         return []
-    return sorted(n for n in os.listdir(base_dir)
-                  if naming.parse_base_filename(n) and not
-                  _is_real_dir(os.path.join(base_dir, n)))
-
-
-def _is_real_dir(path):
-    return os.path.isdir(path) and not os.path.islink(path)
+    try:
+        names = []
+        for name in os.listdir(dir_fd):
+            if not naming.parse_base_filename(name):
+                continue
+            try:
+                mode = os.stat(name, dir_fd=dir_fd,
+                               follow_symlinks=False).st_mode
+            except FileNotFoundError:
+                continue
+            if stat.S_ISREG(mode) or stat.S_ISLNK(mode):
+                names.append(name)
+        return sorted(names)
+    finally:
+        os.close(dir_fd)
 
 
 def min_age_for(conf, filename, override=None):
@@ -63,8 +78,14 @@ def run_pass(agent, dry_run=False, min_age=None, now=None):
                                      'users': usage.users[path]})
             if not dry_run:
                 try:
-                    os.utime(path, (now, now), follow_symlinks=False)
+                    with agent.context.base_dir_fd() as dir_fd:
+                        os.utime(name, (now, now), dir_fd=dir_fd,
+                                 follow_symlinks=False)
                 except FileNotFoundError:
+                    continue
+                except PermissionError as exc:  # not the owner's file
+                    report['failed'].append({'filename': name,
+                                             'reason': str(exc)})
                     continue
                 agent.index.touch(name, now)
     if not removing:
@@ -78,7 +99,8 @@ def run_pass(agent, dry_run=False, min_age=None, now=None):
             return time.time() - st.st_mtime >= age_limit
 
         try:
-            st = os.lstat(path)
+            with agent.context.base_dir_fd() as dir_fd:
+                st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
         except FileNotFoundError:
             continue
         if not old_enough(st):

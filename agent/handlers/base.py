@@ -23,6 +23,9 @@ the next handler serve.
 
 import abc
 import functools
+import os
+
+from agent import files
 
 
 class HandlerContext:
@@ -34,6 +37,12 @@ class HandlerContext:
         self.source = source        # agent.images.sources.ImageSource
         self.index = index          # agent.cache.index.BaseImageIndex
         self.base_dir = base_dir    # $instances_path/_base
+
+    def base_dir_fd(self):
+        """``_base``, opened and checked (``agent.files.open_dir``), as a
+        context manager yielding the descriptor: handlers work in it by
+        descriptor only."""
+        return files.opened_dir(self.base_dir, os.geteuid(), create=True)
 
     @functools.cached_property
     def volume_backend(self):

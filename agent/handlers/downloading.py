@@ -1,18 +1,20 @@
 """The downloading handler: copy the image into ``_base``, verified, raw.
 
-Stream to ``<sha1>.part`` (hashing and inspecting on the fly, sparse),
-refuse unsafe or mislabeled content before ``qemu-img`` sees it, convert to
-raw into ``<sha1>.converted`` when ``force_raw_images``, fsync, and publish
-with an atomic rename. Temporary names are nova's, so either side cleans the
-other's leftovers under the shared lock.
+Stream into a new file in ``_base`` that has no name yet (hashing and
+inspecting on the fly, sparse), refuse unsafe or mislabeled content before
+``qemu-img`` sees it, convert to raw into a second nameless file when
+``force_raw_images`` (``qemu-img`` gets both as open descriptors), fsync,
+and only then give the result its name. Where the filesystem cannot make
+nameless files, nova's temporary names (``.part``, ``.converted``) are
+used, created exclusively, so either side cleans the other's leftovers
+under the shared lock. See ``agent.files`` for why.
 """
 
 import os
 
 import psutil
 
-from agent import errors, naming
-from agent.files import fsync_path, unlink_quietly
+from agent import errors, files, naming
 from agent.cache.index import BaseImage
 from agent.handlers.base import BaseTemplateImageHandler
 from agent.images import download, inspection, qemu_img
@@ -33,8 +35,8 @@ class DownloadingTemplateImageHandler(BaseTemplateImageHandler):
     def _max_virtual_size(self):
         return self.conf.max_image_virtual_size_gb * 1024 ** 3
 
-    def _check_space(self, image, needed):
-        free = psutil.disk_usage(self.context.base_dir).free
+    def _check_space(self, image, needed, dir_fd):
+        free = psutil.disk_usage('/proc/self/fd/%d' % dir_fd).free
         if needed > free:
             raise errors.InsufficientSpace(path=self.context.base_dir,
                                            image_id=image.id, needed=needed,
@@ -48,52 +50,84 @@ class DownloadingTemplateImageHandler(BaseTemplateImageHandler):
                                        limit=self.conf.max_image_virtual_size_gb)
         will_convert = self.conf.force_raw_images and \
             image.disk_format not in ('raw', 'iso') + inspection.AMI_FORMATS
-        self._check_space(image, (image.size or 0) +
-                          ((image.virtual_size or 0) if will_convert else 0))
-        part, converted = naming.temp_filenames(path)
-        for leftover in (part, converted):
-            unlink_quietly(leftover)
-        def make_raw(fmt, virtual_size):
-            """Runs while the hash finishes; returns the file to publish."""
-            published = part
-            if self.conf.force_raw_images and fmt != 'raw':
-                self._check_space(image, virtual_size)
-                qemu_img.convert_to_raw(part, fmt, converted, image.id)
-                unlink_quietly(part)
-                published = converted
-            fsync_path(published)
-            return published
+        name = os.path.basename(path)
+        part_name, converted_name = naming.temp_filenames(name)
+        made = []  # (fd, temp name or None)
 
-        try:
-            result, virtual_size, fmt, published = \
-                download.download_verified(
-                    self.context.source, image, part, then=make_raw,
-                    retries=self.conf.glance.num_retries,
-                    max_virtual_size=limit, progress=progress)
-            os.rename(published, path)
-            fsync_path(os.path.dirname(path), directory=True)
-        except OSError as exc:
-            if exc.errno in download.NO_SPACE_ERRNOS:
-                raise errors.InsufficientSpace(
-                    path=self.context.base_dir, image_id=image.id,
-                    needed=virtual_size_or_size(image),
-                    free=psutil.disk_usage(self.context.base_dir).free)
-            raise
-        finally:
-            for leftover in (part, converted):
-                unlink_quietly(leftover)
+        def new_file(temp_name):
+            fd = files.new_anonymous(dir_fd)
+            if fd is None:
+                fd = files.new_named(temp_name, dir_fd)
+            else:
+                temp_name = None
+            made.append((fd, temp_name))
+            return fd, temp_name
+
+        def make_raw(fmt, virtual_size):
+            """Runs while the hash finishes; returns what to publish."""
+            part = made[0]
+            if not (self.conf.force_raw_images and fmt != 'raw'):
+                os.fsync(part[0])
+                return part
+            self._check_space(image, virtual_size, dir_fd)
+            converted = new_file(converted_name)
+            os.ftruncate(converted[0], virtual_size)
+            qemu_img.convert_to_raw(
+                qemu_img.fd_path(part[0]), fmt,
+                qemu_img.fd_path(converted[0]), image.id,
+                existing_target=True, pass_fds=(part[0], converted[0]),
+                virtual_size=virtual_size)
+            os.fsync(converted[0])
+            return converted
+
+        with self.context.base_dir_fd() as dir_fd:
+            self._check_space(image, (image.size or 0) + (
+                (image.virtual_size or 0) if will_convert else 0), dir_fd)
+            for leftover in (part_name, converted_name):
+                files.unlink_quietly(leftover, dir_fd=dir_fd)
+            try:
+                part_fd, _ = new_file(part_name)
+                result, virtual_size, fmt, (fd, temp_name) = \
+                    download.download_verified(
+                        self.context.source, image, part_fd, then=make_raw,
+                        retries=self.conf.glance.num_retries,
+                        max_virtual_size=limit, progress=progress)
+                files.publish(fd, name, dir_fd, temp_name)
+                size = os.fstat(fd).st_size
+            except OSError as exc:
+                if exc.errno in download.NO_SPACE_ERRNOS:
+                    raise errors.InsufficientSpace(
+                        path=self.context.base_dir, image_id=image.id,
+                        needed=virtual_size_or_size(image),
+                        free=psutil.disk_usage(self.context.base_dir).free)
+                raise
+            finally:
+                for fd, temp_name in made:
+                    os.close(fd)
+                    if temp_name:
+                        files.unlink_quietly(temp_name, dir_fd=dir_fd)
         return BaseImage(
-            filename=os.path.basename(path), image_id=image.id,
+            filename=name, image_id=image.id,
             handler=self.name, source=self.context.source.name,
-            size_bytes=os.stat(path).st_size, virtual_size=virtual_size,
+            size_bytes=size, virtual_size=virtual_size,
             disk_format=image.disk_format, hash_algo=result.hash_algo,
             hash_value=image.expected_hash[1] if image.expected_hash
             else None, image_updated_at=image.updated_at)
 
     def remove_image(self, entry, path):
-        if os.path.isdir(path) and not os.path.islink(path):
-            raise errors.AgentError('%s is a directory; not removed' % path)
-        unlink_quietly(path)  # a symlink itself, never its target
+        with self.context.base_dir_fd() as dir_fd:
+            remove_entry(dir_fd, os.path.basename(path))
+
+
+def remove_entry(dir_fd, name):
+    """Unlink ``name`` in ``dir_fd``: a file or a symlink itself (never its
+    target); a directory is refused."""
+    try:
+        os.unlink(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        pass
+    except IsADirectoryError:
+        raise errors.AgentError('%s is a directory; not removed' % name)
 
 
 def virtual_size_or_size(image):

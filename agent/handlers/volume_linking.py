@@ -15,8 +15,9 @@ serve. ``init`` re-attaches every linked base after a restart or a reboot
 """
 
 import os
+import stat
 
-from agent import errors, locks
+from agent import errors, files, locks
 from agent.cache.index import BaseImage
 from agent.handlers.base import BaseTemplateImageHandler
 from agent.linking import attach, links
@@ -97,7 +98,8 @@ class VolumeLinkingTemplateImageHandler(BaseTemplateImageHandler):
         props = self.backend.connection_properties(volume_id, read_only=True)
         device = attach.connect(props)
         try:
-            links.link_atomically(device, path)
+            with self.context.base_dir_fd() as dir_fd:
+                links.link_atomically(device, os.path.basename(path), dir_fd)
         except BaseException:
             self._detach_if_unlinked(volume_id, exclude=path)
             raise
@@ -118,11 +120,17 @@ class VolumeLinkingTemplateImageHandler(BaseTemplateImageHandler):
         self.backend.release(volume_id)
 
     def remove_image(self, entry, path):
-        if os.path.lexists(path):
-            if not os.path.islink(path):
-                raise errors.AgentError('%s is not a link; not removed'
-                                        % path)
-            os.unlink(path)
+        with self.context.base_dir_fd() as dir_fd:
+            try:
+                st = os.stat(entry.filename, dir_fd=dir_fd,
+                             follow_symlinks=False)
+            except FileNotFoundError:
+                st = None
+            if st is not None:
+                if not stat.S_ISLNK(st.st_mode):
+                    raise errors.AgentError('%s is not a link; not removed'
+                                            % path)
+                files.unlink_quietly(entry.filename, dir_fd=dir_fd)
         if entry.volume_id:
             self._detach_if_unlinked(entry.volume_id, exclude=path)
             if entry.origin == 'cache':
@@ -136,19 +144,20 @@ class VolumeLinkingTemplateImageHandler(BaseTemplateImageHandler):
         for entry in self.context.index.all():
             if entry.handler != self.name or not entry.volume_id:
                 continue
-            path = os.path.join(self.context.base_dir, entry.filename)
-            with locks.base_lock(self.conf, entry.filename):
+            with locks.base_lock(self.conf, entry.filename), \
+                    self.context.base_dir_fd() as dir_fd:
                 try:
                     # before connecting: a link to a detached device (its
                     # node stays) must be reported restored, not intact
-                    attached = links.target_attached(path)
+                    attached = links.target_attached(entry.filename, dir_fd)
                     props = self.backend.connection_properties(
                         entry.volume_id, read_only=True)
                     device = attach.connect(props)
-                    if links.link_target(path) == device and attached:
+                    if links.link_target(entry.filename, dir_fd) == device \
+                            and attached:
                         report['intact'].append(entry.filename)
                         continue
-                    links.link_atomically(device, path)
+                    links.link_atomically(device, entry.filename, dir_fd)
                     entry.target = device
                     self.context.index.put(entry)
                     report['restored'].append(entry.filename)

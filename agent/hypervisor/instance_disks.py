@@ -1,69 +1,80 @@
-"""Backing chains of disk files, read with ``qemu-img info --backing-chain``."""
+"""Instance disks under ``instances_path`` and their backing chains.
+
+Backing names are read from the qcow2 header itself (``backing_file_offset``
+and ``backing_file_size``, the first fields of every qcow2 version), not with
+``qemu-img``: no process per disk, and nothing but the header of a regular
+file is ever opened. Files are opened without blocking (a FIFO planted as a
+disk or as a backing file cannot hang the scan) and their type is checked on
+the descriptor.
+"""
 
 import os
-import subprocess
+import stat
+import struct
 
-from agent.images import qemu_img
+from agent import errors, files
 
 QCOW2_MAGIC = b'QFI\xfb'
-
-
-def is_qcow2(path):
-    try:
-        with open(path, 'rb') as f:
-            return f.read(4) == QCOW2_MAGIC
-    except OSError:
-        return False
-
-
+_HEADER = struct.Struct('>4sIQI')  # magic, version, backing offset, size
+MAX_BACKING_NAME = 1023            # qemu's own limit
 MAX_CHAIN_DEPTH = 64
 
 
-def _backing_of(record):
-    backing = record.get('full-backing-filename') or \
-        record.get('backing-filename')
-    if backing and not os.path.isabs(backing):
-        backing = os.path.join(os.path.dirname(record['filename']), backing)
-    return backing
+def qcow2_backing_name(fd):
+    """The backing file name recorded in the qcow2 image open on ``fd``;
+    None when it is not qcow2 or has no backing file."""
+    header = os.pread(fd, _HEADER.size, 0)
+    if len(header) < _HEADER.size:
+        return None
+    magic, version, offset, size = _HEADER.unpack(header)
+    if magic != QCOW2_MAGIC or version < 2 or not offset or not size or \
+            size > MAX_BACKING_NAME:
+        return None
+    name = os.pread(fd, size, offset)
+    return name.decode('utf-8', 'surrogateescape') if name else None
+
+
+def _backing_of(path):
+    try:
+        fd, _ = files.open_existing(path, follow=True)
+    except (OSError, errors.UnsafePath):
+        return None  # gone, not a regular file (a device, a FIFO), denied
+    try:
+        name = qcow2_backing_name(fd)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    if name and not os.path.isabs(name):
+        name = os.path.join(os.path.dirname(path), name)
+    return name
 
 
 def backing_chain(path):
-    """Paths of the backing files below ``path`` (top first), [] if none."""
-    if not is_qcow2(path):
-        return []
-    try:
-        records = qemu_img.info(path, fmt='qcow2', backing_chain=True)
-    except (subprocess.CalledProcessError, ValueError):
-        # some file of the chain cannot be opened (a linked base whose
-        # device is not attached yet, a dangling link): the names the
-        # images record are still references, read them level by level
-        return _backing_chain_by_level(path)
-    return [b for b in map(_backing_of, records) if b]
+    """Paths of the backing files below ``path`` (top first), [] if none.
 
-
-def _backing_chain_by_level(path):
+    A name is reported even when its file cannot be opened (a linked base
+    whose device is not attached yet): it is still a reference.
+    """
     chain = []
-    while is_qcow2(path) and len(chain) < MAX_CHAIN_DEPTH:
-        try:
-            records = qemu_img.info(path, fmt='qcow2')
-        except (subprocess.CalledProcessError, ValueError):
-            break
-        backing = _backing_of(records[0]) if records else None
-        if not backing:
-            break
+    backing = _backing_of(path)
+    while backing and len(chain) < MAX_CHAIN_DEPTH and backing not in chain:
         chain.append(backing)
-        path = backing
+        backing = _backing_of(backing)
     return chain
 
 
 def instance_disks(instances_path, skip_dirs):
-    """Files under ``instances_path`` (symlinks to files included), outside
-    ``skip_dirs``."""
+    """Regular files under ``instances_path`` (symlinks to files included),
+    outside ``skip_dirs``."""
     skip = {os.path.realpath(d) for d in skip_dirs}
-    for root, dirs, files in os.walk(instances_path):
+    for root, dirs, names in os.walk(instances_path):
         dirs[:] = [d for d in dirs
                    if os.path.realpath(os.path.join(root, d)) not in skip]
-        for name in files:
+        for name in names:
             path = os.path.join(root, name)
-            if os.path.isfile(path):
-                yield path
+            try:
+                if stat.S_ISREG(os.stat(path).st_mode):
+                    yield path
+            except OSError:
+                continue

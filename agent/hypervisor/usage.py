@@ -11,18 +11,10 @@ and a QEMU holding that device all resolve to the same base.
 import collections
 import dataclasses
 import os
-import stat
 
 from agent import config, errors
-from agent.hypervisor import instance_disks, libvirt_domains, open_files
-
-
-def stat_key(st):
-    if stat.S_ISBLK(st.st_mode):
-        return ('blk', st.st_rdev)
-    if stat.S_ISREG(st.st_mode):
-        return ('file', st.st_dev, st.st_ino)
-    return None
+from agent.files import stat_key
+from agent.hypervisor import instance_disks, libvirt_domains
 
 
 def path_key(path):
@@ -93,9 +85,17 @@ class UsageScanner:
                     os.path.normpath(os.path.abspath(path)), ())
                 for base in bases:
                     users[base].add(user)
-            for pid, name, key in open_files.open_file_keys(
-                    exclude_pids=(os.getpid(),)):
-                for base in by_key.get(key, ()):
+            for pid, name, key in _open_file_holders(by_key):
+                for base in by_key.get(tuple(key), ()):
                     users[base].add('process:%d(%s)' % (pid, name))
         return Usage({b: sorted(users.get(b, ())) for b in base_paths},
                      warnings)
+
+
+def _open_file_holders(by_key):
+    """Processes holding any of the bases open (privileged: other users'
+    ``/proc/PID/fd``)."""
+    if not by_key:
+        return []
+    from agent.privileged import process_files
+    return process_files.holders(sorted(by_key), exclude_pids=[os.getpid()])

@@ -90,10 +90,10 @@ class _FileHasher(threading.Thread):
     """Hashes a file as it is written, reading it back from the page cache
     (holes read as zeros: the hash is of the bytes as sent)."""
 
-    def __init__(self, path, algo):
+    def __init__(self, fd, algo):
         super().__init__(daemon=True, name='image-hasher')
         self.hasher = hashlib.new(algo)
-        self.fd = os.open(path, os.O_RDONLY)
+        self.fd = os.dup(fd)
         self.cond = threading.Condition()
         self.written = 0
         self.finished = False
@@ -211,8 +211,9 @@ class Download:
             self._hasher.cancel()
 
 
-def download(source, image, dest, retries=3, progress=None):
-    """Stream ``image`` from ``source`` into the new file ``dest``.
+def download(source, image, dest_fd, retries=3, progress=None):
+    """Stream ``image`` from ``source`` into the new, empty file open on
+    ``dest_fd`` (the caller's; it stays open).
 
     Returns a ``Download`` whose hash may still be running; the file is not
     fsynced.
@@ -223,12 +224,12 @@ def download(source, image, dest, retries=3, progress=None):
     """
     expected = image.expected_hash
     delays = backoff_delays(retries)
-    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    fd = dest_fd
     hasher = None
     started, offset = time.monotonic(), 0
     try:
         while True:
-            hasher = _FileHasher(dest, expected[0]) if expected else None
+            hasher = _FileHasher(fd, expected[0]) if expected else None
             if hasher:
                 hasher.start()
             chunks = _resuming_chunks(source, image, delays)
@@ -255,7 +256,7 @@ def download(source, image, dest, retries=3, progress=None):
             except OSError as exc:
                 if exc.errno in NO_SPACE_ERRNOS:
                     raise errors.InsufficientSpace(
-                        path=os.path.dirname(dest), image_id=image.id,
+                        path='the base image directory', image_id=image.id,
                         needed=image.size or offset, free=0)
                 raise
             except _RetriesExhausted as exc:
@@ -278,7 +279,6 @@ def download(source, image, dest, retries=3, progress=None):
             hasher.cancel()
         raise
     finally:
-        os.close(fd)
         REGISTRY.inc('template_agent_downloaded_bytes_total', offset)
         REGISTRY.inc('template_agent_download_seconds_total',
                      time.monotonic() - started)
@@ -328,7 +328,7 @@ def _resuming_chunks(source, image, delays):
             receiver.stop()
 
 
-def download_verified(source, image, dest, then=None, retries=3,
+def download_verified(source, image, dest_fd, then=None, retries=3,
                       max_virtual_size=0, progress=None):
     """Download, check format and safety, run ``then``, verify the hash.
 
@@ -339,7 +339,7 @@ def download_verified(source, image, dest, then=None, retries=3,
 
     :returns: ``(DownloadResult, virtual_size, qemu_format, then's result)``
     """
-    pending = download(source, image, dest, retries=retries,
+    pending = download(source, image, dest_fd, retries=retries,
                        progress=progress)
     try:
         result = pending.result

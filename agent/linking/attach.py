@@ -11,6 +11,8 @@ _connectors = {}
 
 def _connector(protocol):
     if protocol not in _connectors:
+        from agent import identity
+        identity.brick_context()  # in process, unless its daemon runs
         with warnings.catch_warnings():
             # os-brick pulls in oslo.privsep, which imports eventlet
             warnings.simplefilter('ignore')

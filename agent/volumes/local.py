@@ -14,7 +14,6 @@ import fcntl
 import json
 import os
 import re
-import subprocess
 import tempfile
 import time
 import uuid
@@ -29,14 +28,37 @@ _UUID = re.compile(r'^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-'
                    r'[0-9a-f]{12}$')
 
 
-def _losetup(*args):
+def _privileged(call, *args):
+    """Run a loop-device operation of ``agent.privileged.loop_devices``."""
+    from agent.privileged import loop_devices
     try:
-        return subprocess.run(['losetup'] + list(args), capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except subprocess.CalledProcessError as exc:
-        raise errors.BackendUnavailable(
-            backend='local', reason='losetup %s failed: %s' % (
-                ' '.join(args), exc.stderr.strip()))
+        return call(loop_devices)(*args)
+    except (OSError, loop_devices.LoopDeviceRefused) as exc:
+        raise errors.BackendUnavailable(backend='local', reason=str(exc))
+
+
+def loop_devices_of(path):
+    """``[(device, read_only, autoclear)]`` of the loop devices backed by
+    ``path``, read from sysfs (no privilege needed)."""
+    real = os.path.realpath(path)
+    found = []
+    for entry in sorted(os.listdir('/sys/block')):
+        if not entry.startswith('loop'):
+            continue
+        sys_dir = os.path.join('/sys/block', entry)
+        try:
+            with open(os.path.join(sys_dir, 'loop', 'backing_file')) as f:
+                backing = f.read().rstrip('\n')
+            if backing != real:
+                continue
+            with open(os.path.join(sys_dir, 'ro')) as f:
+                read_only = f.read().strip() == '1'
+            with open(os.path.join(sys_dir, 'loop', 'autoclear')) as f:
+                autoclear = f.read().strip() == '1'
+        except OSError:
+            continue  # not attached, or detached while we looked
+        found.append(('/dev/' + entry, read_only, autoclear))
+    return found
 
 
 def reflink(src_path, dst_path):
@@ -197,7 +219,7 @@ class LocalVolumeBackend(VolumeBackend):
         if size_bytes > os.path.getsize(path):
             os.truncate(path, size_bytes)
             for device in self._devices(path):
-                _losetup('-c', device)
+                _privileged(lambda m: m.refresh_capacity, device)
 
     def write_image(self, volume_id, path, fmt):
         from agent.images import qemu_img
@@ -219,8 +241,11 @@ class LocalVolumeBackend(VolumeBackend):
                 raise errors.VolumeNotFound(volume_id=volume_id,
                                             backend='local')
             devices = self._devices(path, read_only=read_only)
-            device = devices[0] if devices else _losetup(
-                *(['-r'] if read_only else []), '-f', '--show', path)
+            if not devices and not read_only:
+                raise errors.BackendUnavailable(
+                    backend='local', reason='volumes are exported read-only')
+            device = devices[0] if devices else _privileged(
+                lambda m: m.attach_read_only, path)
         return {'driver_volume_type': 'local',
                 'data': {'device_path': device, 'volume_id': volume_id,
                          'access_mode': 'ro' if read_only else 'rw'}}
@@ -237,15 +262,9 @@ class LocalVolumeBackend(VolumeBackend):
         something, e.g. udev probing it, still had it open): it goes away
         on its own and must not be handed out again.
         """
-        out = _losetup('-n', '-O', 'NAME,RO,AUTOCLEAR', '-j', path)
-        devices = []
-        for line in out.splitlines():
-            parts = line.split()
-            if len(parts) == 3 and parts[2] != '1' and (
-                    read_only is None or (parts[1] == '1') == read_only):
-                devices.append(parts[0])
-        return devices
+        return [device for device, ro, autoclear in loop_devices_of(path)
+                if not autoclear and (read_only is None or ro == read_only)]
 
     def _detach_all(self, path):
         for device in self._devices(path):
-            _losetup('-d', device)
+            _privileged(lambda m: m.detach, device)
