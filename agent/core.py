@@ -53,8 +53,6 @@ def is_base_kind(st):
 class TemplateAgent:
     def __init__(self, conf):
         self.conf = conf
-        # from here on this process works as the owner of instances_path
-        self.owner = identity.enter(conf)
         self.base_dir = config.base_dir(conf)
         self._source = None
         self._index = None
@@ -63,6 +61,8 @@ class TemplateAgent:
         self.chain_names = list(conf.template_image_handler)
         for name in self.chain_names:
             registry.load(name)
+        # from here on this process works as the owner of instances_path
+        self.owner = identity.enter(conf)
         self.scanner = UsageScanner(conf)
 
     # -- lazily built parts -------------------------------------------------

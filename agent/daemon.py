@@ -41,16 +41,22 @@ class Service:
     # -- lifecycle ----------------------------------------------------------
     def run(self):
         logs.setup(self.verbose)
-        self.agent = core.TemplateAgent(config.load(self.config_files))
+        conf = config.load(self.config_files)
+        # bound while still root (the socket's directory is root's), then
+        # the agent core drops to the owner of instances_path
+        self.api = api.ApiServer(self, conf.api.socket_path,
+                                 conf.api.allowed_groups)
+        try:
+            self.agent = core.TemplateAgent(conf)
+        except BaseException:
+            self.api.server.server_close()
+            raise
         signal.signal(signal.SIGTERM, lambda *_: self._stop.set())
         signal.signal(signal.SIGINT, lambda *_: self._stop.set())
         signal.signal(signal.SIGHUP, lambda *_: self._reload.set())
         systemd.notify('STATUS=restoring base images (init)')
         report = self.agent.init()
         LOG.info('init done', extra={'init': report})
-        conf = self.agent.conf
-        self.api = api.ApiServer(self, conf.api.socket_path,
-                                 conf.api.allowed_groups)
         self.api.start()
         systemd.notify('READY=1', 'STATUS=' + self.status_line())
         LOG.info('serving on %s', conf.api.socket_path)
@@ -142,7 +148,10 @@ class Service:
 
     # -- status and metrics -----------------------------------------------
     def status_line(self):
-        bases = len(manager.base_names(self.agent.base_dir))
+        try:
+            bases = len(manager.base_names(self.agent.base_dir))
+        except (errors.AgentError, OSError) as exc:
+            return 'cannot read %s: %s' % (self.agent.base_dir, exc)
         jobs = len(self.api.jobs.running()) if self.api else 0
         last = time.strftime('%H:%M:%S', time.localtime(self._last_pass)) \
             if self._last_pass else 'never'

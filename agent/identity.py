@@ -146,6 +146,25 @@ def brick_context():
     return brick.default
 
 
+def _preload(conf):
+    """Import now, as root, what this process may import later: once it
+    works as the owner, it may not be able to read its own code (a
+    checkout in root's home, a venv under ``/root``)."""
+    import importlib
+    import pkgutil
+    import agent
+    for module in pkgutil.walk_packages(agent.__path__, 'agent.'):
+        importlib.import_module(module.name)
+    if conf.libvirt.connection_uri:
+        try:
+            import libvirt  # noqa: F401
+        except ImportError:
+            pass  # reported when usage is asked
+    if 'volume_linking' in conf.template_image_handler:
+        brick_context()
+        importlib.import_module('os_brick.initiator.connectors.local')
+
+
 def _drop_to(owner):
     os.setgroups(owner.groups)
     os.setresgid(owner.gid, owner.gid, owner.gid)
@@ -184,6 +203,7 @@ def enter(conf):
         from oslo_privsep import priv_context
         from agent import privileged
         _give_state_to(conf.state_path, owner)
+        _preload(conf)
         privileged.TRUSTED_UID = owner.uid
         _dropped = True
         for context in _contexts(conf):

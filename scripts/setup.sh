@@ -8,7 +8,15 @@ source scripts/lib.sh
 apt_install_missing setup qemu-utils libvirt-dev pkg-config gcc python3-venv \
     python3-dev util-linux fdisk e2fsprogs xfsprogs curl time systemd
 
-PYTHON=${PYTHON:-python3}
+# Debian's interpreter, not one under a home directory: the agent drops
+# to the owner of instances_path (e.g. nova), who must be able to read the
+# standard library it may still import
+PYTHON=${PYTHON:-/usr/bin/python3}
+home=$(dirname "$(readlink -f "$PYTHON")")
+if [ -x .venv/bin/python ] && ! grep -qx "home = $home" .venv/pyvenv.cfg; then
+    echo "setup: recreating .venv on $PYTHON"
+    rm -rf .venv
+fi
 if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from agent import errors
-from tests.conftest import (REPO, files_written, make_raw, qemu_img,
+from tests.conftest import (REPO, files_written, make_raw,
                             same_content)
 
 MiB = 1024 * 1024

@@ -36,12 +36,3 @@ def load(name):
     if name in eps:
         return eps[name].load()
     raise errors.UnknownHandler(name=name, valid=', '.join(available()))
-
-
-def build_chain(names, context):
-    """Instantiate the handlers of ``template_image_handler``, in order."""
-    if not names:
-        raise errors.ConfigError(reason='template_image_handler is empty; '
-                                 'valid names: %s' % ', '.join(available()))
-    classes = [load(n) for n in names]  # fail on any unknown name first
-    return [cls(context) for cls in classes]
