@@ -41,6 +41,7 @@ class Service:
     # -- lifecycle ----------------------------------------------------------
     def run(self):
         logs.setup(self.verbose)
+        systemd.notify('STATUS=starting')  # connects while still root
         conf = config.load(self.config_files)
         # bound while still root (the socket's directory is root's), then
         # the agent core drops to the owner of instances_path
