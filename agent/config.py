@@ -224,7 +224,24 @@ Related options:
 
 * ``template_image_handler``: include ``volume_linking`` to use it
 """),
+    cfg.StrOpt(
+        'device_links_path',
+        default='/run/template-agent/devices',
+        help="""
+Directory of the device links: a linked base ``_base/<sha1>`` points to
+``<device_links_path>/<volume id>``, which points to the attached block
+device. It must be on a filesystem that is empty after a reboot (a tmpfs
+such as ``/run``): after a reboot a device name such as ``/dev/loop3`` may
+already belong to another file, and a base must then dangle until ``init``
+attaches its volume again, never resolve to the wrong disk. The service
+keeps it across its own restarts (``RuntimeDirectoryPreserve=yes``).
+
+Related options:
+
+* ``template_image_handler``: used by ``volume_linking``
+"""),
 ]
+
 
 LOCAL_VOLUMES_OPTS = [
     cfg.StrOpt(

@@ -126,6 +126,20 @@ def _give_state_to(path, owner):
     os.chown(real, owner.uid, owner.gid, follow_symlinks=False)
 
 
+def _give_device_links_to(path, owner):
+    """Create the volume-linking device link directory (under root's
+    ``/run``) for the owner. Failing here is not fatal: linking says why
+    when it needs the directory."""
+    try:
+        os.makedirs(path, mode=0o755, exist_ok=True)
+        st = os.lstat(path)
+        if stat.S_ISDIR(st.st_mode) and st.st_uid != owner.uid and \
+                os.geteuid() == 0:
+            os.chown(path, owner.uid, owner.gid, follow_symlinks=False)
+    except OSError as exc:
+        LOG.warning('cannot prepare %s: %s', path, exc)
+
+
 def _contexts(conf):
     from agent import privileged
     contexts = list(privileged.CONTEXTS)
@@ -199,6 +213,8 @@ def enter(conf):
                 'restart the agent' % conf.instances_path)
         return _entered
     owner = instances_owner(conf)
+    if 'volume_linking' in conf.template_image_handler:
+        _give_device_links_to(conf.volume_linking.device_links_path, owner)
     if os.geteuid() == 0 and owner.uid != 0:
         from oslo_privsep import priv_context
         from agent import privileged

@@ -68,6 +68,8 @@ class AgentEnv:
             'libvirt': {'connection_uri': ''},
             'glance': {'num_retries': '2', 'read_timeout': '2'},
             'api': {'socket_path': os.path.join(self.root, 'agent.sock')},
+            'volume_linking': {'device_links_path':
+                               os.path.join(self.root, 'run', 'devices')},
         }
         self.configure(**sections)
 
@@ -137,7 +139,7 @@ def files_written(pid, directory):
     fd_dir = '/proc/%d/fd' % pid
     for fd in os.listdir(fd_dir):
         try:
-            target = os.readlink(os.path.join(fd_dir, fd))
+            target = os.path.realpath(os.path.join(fd_dir, fd))
             if target.startswith(directory + '/'):
                 found.append(os.stat(os.path.join(fd_dir, fd)))
         except OSError:

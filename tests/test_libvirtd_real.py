@@ -281,7 +281,7 @@ def test_running_domains_protect_their_base_until_undefined(
     device = volume_file = None
     if handler == 'volume_linking':
         assert os.path.islink(base)
-        device = os.readlink(base)
+        device = os.path.realpath(base)
         assert re.match(r'^/dev/loop\d+$', device), device
         volume_file = loops()[device]
         assert volume_file.startswith(env.state + '/'), volume_file

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import stat
 import subprocess
 import sys
@@ -285,7 +286,7 @@ def test_fetch_links_raw_and_qcow2_and_a_second_fetch_hits(
         path = paths[image_id]
         assert path == os.path.join(lenv.base_dir, sha1(image_id))
         assert os.path.islink(path)
-        targets[image_id] = os.readlink(path)
+        targets[image_id] = os.path.realpath(path)
         assert re.match(r'^/dev/loop\d+$', targets[image_id])
         assert stat.S_ISBLK(os.stat(path).st_mode)
         # the device is the image's template volume, exported read-only
@@ -318,7 +319,7 @@ def test_fetch_links_raw_and_qcow2_and_a_second_fetch_hits(
     with agent_of(lenv) as agent:
         # idempotent: the same link, no new template, no cache event
         assert agent.fetch_image('img-raw') == paths['img-raw']
-        assert os.readlink(paths['img-raw']) == targets['img-raw']
+        assert os.path.realpath(paths['img-raw']) == targets['img-raw']
         assert events(agent) == {'hit': 0, 'miss': 2, 'evict': 0}
 
         # removed: link gone, device detached, template kept, unheld
@@ -342,7 +343,7 @@ def test_fetch_links_raw_and_qcow2_and_a_second_fetch_hits(
         assert entry['volume_id'] == volumes['img-raw']
         assert entry['holders'] == ['link:%s:%s' % (
             agent.context.image_volume_cache.host, path)]
-        assert backing_of(os.readlink(path)) == volume_file(
+        assert backing_of(os.path.realpath(path)) == volume_file(
             lenv, volumes['img-raw'])
         assert overlay_equals(path, sources['img-raw'], tmp_path)
 
@@ -376,7 +377,7 @@ def test_volume_backed_image_links_its_own_volume(lenv, image_files,
         entry = agent.index.get(sha1('vb'))
         assert (entry.handler, entry.origin, entry.volume_id) == (
             'volume_linking', 'location', volume_id)
-        device = os.readlink(path)
+        device = os.path.realpath(path)
         assert backing_of(device) == volume_file(lenv, volume_id)
         assert overlay_equals(path, image_files['disk.raw'], tmp_path)
         # zero copy: no template, no cache entry, no cache event
@@ -391,7 +392,7 @@ def test_volume_backed_image_links_its_own_volume(lenv, image_files,
         # the cinder://<store>/<volume-id> form links the same volume
         set_locations(lenv, 'vb', ['cinder://default/' + volume_id])
         path = agent.fetch_image('vb', project_id='p1')
-        assert backing_of(os.readlink(path)) == volume_file(lenv, volume_id)
+        assert backing_of(os.path.realpath(path)) == volume_file(lenv, volume_id)
         assert agent.index.get(sha1('vb')).origin == 'location'
         assert agent.cache_list() == []
         agent.remove_image('vb')
@@ -425,7 +426,7 @@ def test_volume_location_of_another_project_is_refused(lenv, image_files,
         assert entry.volume_id not in image_volumes
         cache_entry, = entries_by_image(agent)['vb-public']
         assert cache_entry['volume_id'] == entry.volume_id
-        assert backing_of(os.readlink(path)) == volume_file(
+        assert backing_of(os.path.realpath(path)) == volume_file(
             lenv, entry.volume_id)
         assert overlay_equals(path, image_files['disk.raw'], tmp_path)
 
@@ -565,7 +566,7 @@ def test_volume_create_clones_the_template(lenv, loop_fs, image_files,
     # the template on this filesystem is linked as well
     with agent_of(lenv) as agent:
         base = agent.fetch_image('cq')
-        assert backing_of(os.readlink(base)) == volume_file(
+        assert backing_of(os.path.realpath(base)) == volume_file(
             lenv, template['id'])
         assert overlay_equals(base, image_files['disk.raw'], tmp_path)
         agent.remove_image('cq')
@@ -615,7 +616,7 @@ def test_init_after_a_reboot_restores_every_link(lenv, image_files,
     assert failed['image_id'] == 'rb-lost' and lost in failed['reason']
     rows = {r['image_id']: r for r in lenv.cli_json('list')}
     for image_id, path in bases.items():
-        device = os.readlink(path)
+        device = os.path.realpath(path)
         assert stat.S_ISBLK(os.stat(path).st_mode)
         assert backing_of(device) == volume_file(lenv, volumes[image_id])
         assert rows[image_id]['target'] == device
@@ -633,7 +634,7 @@ def test_init_after_a_reboot_restores_every_link(lenv, image_files,
         report = agent.init()['handlers']['volume_linking']
         assert report['restored'] == [sha1('rb-raw')]
         assert report['intact'] == [sha1('rb-qcow2')]
-        assert backing_of(os.readlink(bases['rb-raw'])) == volume_file(
+        assert backing_of(os.path.realpath(bases['rb-raw'])) == volume_file(
             lenv, volumes['rb-raw'])
 
         for image_id in list(sources) + ['rb-lost']:
@@ -681,7 +682,7 @@ def test_fetch_repairs_a_dangling_link(lenv, image_files, tmp_path):
 
     with agent_of(lenv) as agent:
         assert agent.fetch_image('dl') == path
-        device = os.readlink(path)
+        device = os.path.realpath(path)
         assert device != gone and stat.S_ISBLK(os.stat(path).st_mode)
         assert backing_of(device) == volume_file(lenv, volume_id)
         assert overlay_equals(path, image_files['disk.raw'], tmp_path)
@@ -690,6 +691,40 @@ def test_fetch_repairs_a_dangling_link(lenv, image_files, tmp_path):
         assert len(entry['holders']) == 1
         assert events(agent) == {'hit': 1, 'miss': 1, 'evict': 0}
         agent.remove_image('dl')
+
+
+def test_a_reboot_that_rebinds_the_loop_device_leaves_a_dangling_base(
+        lenv, image_files, tmp_path):
+    """After a reboot ``/dev/loopN`` may belong to another file before
+    ``init`` runs: the base must then dangle, never resolve to that file,
+    until ``init`` attaches its volume again."""
+    with agent_of(lenv) as agent:
+        agent.import_image(image_files['disk.raw'], 'rb')
+        path = agent.fetch_image('rb')
+        volume_id = agent.index.get(sha1('rb')).volume_id
+    device = os.path.realpath(path)
+    assert backing_of(device) == volume_file(lenv, volume_id)
+    # the reboot: every loop device gone, /run empty ...
+    unplug('%s/' % tmp_path)
+    shutil.rmtree(lenv.sections['volume_linking']['device_links_path'])
+    # ... and the old device bound to somebody else's file before init
+    decoy = make_raw(str(tmp_path / 'decoy.raw'), data_mib=1, total_mib=8,
+                     seed=7)
+    subprocess.run(['losetup', '-r', device, decoy], check=True)
+    try:
+        assert os.path.islink(path) and not os.path.exists(path)
+        with pytest.raises(FileNotFoundError):
+            open(path, 'rb').close()
+        report = lenv.cli_json('init')
+        assert report['handlers']['volume_linking']['restored'] == \
+            [sha1('rb')]
+        now = os.path.realpath(path)
+        assert now != device
+        assert backing_of(now) == volume_file(lenv, volume_id)
+        assert overlay_equals(path, image_files['disk.raw'], tmp_path)
+    finally:
+        detach([device])
+        cli_ok(lenv, 'remove', 'rb')
 
 
 def test_fetch_repairs_a_link_to_a_detached_loop_device(lenv, image_files,
@@ -702,7 +737,7 @@ def test_fetch_repairs_a_link_to_a_detached_loop_device(lenv, image_files,
     try:
         with agent_of(lenv) as agent:
             assert agent.fetch_image('dd') == path
-            assert backing_of(os.readlink(path)) == volume_file(lenv,
+            assert backing_of(os.path.realpath(path)) == volume_file(lenv,
                                                                 volume_id)
     finally:
         with agent_of(lenv) as agent:
@@ -716,7 +751,7 @@ def test_volume_delete_refuses_a_linked_volume(lenv, image_files, tmp_path):
         base = agent.fetch_image('lk')
     proc = lenv.cli('volume', 'delete', volume_id, check=False)
     assert proc.returncode == 1 and sha1('lk') in proc.stderr
-    assert backing_of(os.readlink(base)) == volume_file(lenv, volume_id)
+    assert backing_of(os.path.realpath(base)) == volume_file(lenv, volume_id)
     assert overlay_equals(base, image_files['disk.raw'], tmp_path)
     cli_ok(lenv, 'remove', 'lk')
     assert loops_under(tmp_path) == []
@@ -920,7 +955,7 @@ def test_concurrent_misses_in_threads_make_one_template(lenv, image_files,
         assert events(agent) == {'hit': 2, 'miss': 1, 'evict': 0}
         for kind, value in results:
             if kind == 'base':
-                assert backing_of(os.readlink(value)) == volume_file(
+                assert backing_of(os.path.realpath(value)) == volume_file(
                     lenv, template['id'])
             else:
                 assert compare(volume_file(lenv, value),
@@ -948,7 +983,7 @@ def test_concurrent_misses_in_processes_make_one_template(lenv, image_files,
         assert compare(volume_file(lenv, clone), image_files['disk.raw'],
                        'raw', 'raw')
     base = outs[2][0].strip().splitlines()[-1]
-    assert backing_of(os.readlink(base)) == volume_file(lenv, template['id'])
+    assert backing_of(os.path.realpath(base)) == volume_file(lenv, template['id'])
     assert lenv.cli_json('status')['image_volume_cache']['events'] == {
         'hit': 2, 'miss': 1, 'evict': 0}
     cli_ok(lenv, 'remove', 'prc')
@@ -998,7 +1033,7 @@ def test_base_used_by_a_libvirt_domain_is_never_removed(lenv, image_files,
     assert proc.returncode == 1 and 'held' in proc.stderr
     proc = lenv.cli('remove', 'inuse', check=False)
     assert proc.returncode == 1 and 'domain:vm-linked' in proc.stderr
-    assert backing_of(os.readlink(base)) == volume_file(lenv, volume_id)
+    assert backing_of(os.path.realpath(base)) == volume_file(lenv, volume_id)
     assert same_content(disk, image_files['disk.qcow2'])
     assert lenv.base_files() == [sha1('inuse')]
 

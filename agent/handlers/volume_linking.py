@@ -1,7 +1,8 @@
 """The volume-linking handler: zero copy.
 
 The base ``_base/<sha1>`` becomes an atomic symlink to the block device of a
-volume that already holds the image, attached read-only with os-brick:
+volume that already holds the image (through a device link that vanishes at
+reboot, see ``agent.linking.links``), attached read-only with os-brick:
 
 (a) the image has a ``cinder://[<store>/]<volume-id>`` location, is raw and
     is owned by the requester (Cinder's rule) -> attach that volume;
@@ -94,12 +95,17 @@ class VolumeLinkingTemplateImageHandler(BaseTemplateImageHandler):
             image_updated_at=image.updated_at, target=device,
             volume_id=volume_id, backend=self.backend.name, origin=origin)
 
+    @property
+    def devices_dir(self):
+        return self.conf.volume_linking.device_links_path
+
     def _attach_and_link(self, volume_id, path):
         props = self.backend.connection_properties(volume_id, read_only=True)
         device = attach.connect(props)
         try:
             with self.context.base_dir_fd() as dir_fd:
-                links.link_atomically(device, os.path.basename(path), dir_fd)
+                links.link_device(device, volume_id, os.path.basename(path),
+                                  dir_fd, self.devices_dir)
         except BaseException:
             self._detach_if_unlinked(volume_id, exclude=path)
             raise
@@ -112,6 +118,7 @@ class VolumeLinkingTemplateImageHandler(BaseTemplateImageHandler):
                     and os.path.join(self.context.base_dir,
                                      other.filename) != exclude:
                 return
+        links.unlink_device(volume_id, self.devices_dir)
         try:
             props = self.backend.connection_properties(volume_id)
             attach.disconnect(props)
@@ -153,11 +160,13 @@ class VolumeLinkingTemplateImageHandler(BaseTemplateImageHandler):
                     props = self.backend.connection_properties(
                         entry.volume_id, read_only=True)
                     device = attach.connect(props)
-                    if links.link_target(entry.filename, dir_fd) == device \
-                            and attached:
+                    if attached and links.device_link_target(
+                            entry.volume_id, self.devices_dir) == device:
                         report['intact'].append(entry.filename)
                         continue
-                    links.link_atomically(device, entry.filename, dir_fd)
+                    links.link_device(device, entry.volume_id,
+                                      entry.filename, dir_fd,
+                                      self.devices_dir)
                     entry.target = device
                     self.context.index.put(entry)
                     report['restored'].append(entry.filename)

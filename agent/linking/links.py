@@ -1,7 +1,19 @@
-"""Atomic symlinks in ``_base``: a reader sees the old link or the new
-one, never none. Every call works by name inside a directory descriptor
-(``agent.files``)."""
+"""Links in ``_base`` to attached volumes, safe across a reboot.
 
+A linked base is two symlinks::
+
+    _base/<sha1>  ->  <device_links_path>/<volume-id>  ->  /dev/loopN
+
+``device_links_path`` (``/run/template-agent/devices``) is on a tmpfs that
+is empty after a reboot. After one, ``/dev/loopN`` may already be bound to
+another file before the agent's ``init`` runs; the base then dangles (QEMU
+and nova get "no such file") instead of resolving to the wrong disk, until
+``init`` attaches the volume again and recreates the device link. Both
+links are replaced atomically (a reader sees the old link or the new one,
+never none), by name inside directory descriptors (``agent.files``).
+"""
+
+import contextlib
 import os
 import stat
 
@@ -14,6 +26,31 @@ def link_atomically(target, name, dir_fd):
     os.symlink(target, tmp, dir_fd=dir_fd)
     os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
     os.fsync(dir_fd)
+
+
+def link_device(device, volume_id, name, dir_fd, devices_dir):
+    """Point base ``name`` (in ``dir_fd``) at ``device`` through the
+    device link of ``volume_id`` in ``devices_dir``."""
+    with contextlib.suppress(OSError):  # else opened_dir says what fails
+        os.makedirs(devices_dir, 0o755, exist_ok=True)
+    with files.opened_dir(devices_dir, os.geteuid()) as run_fd:
+        link_atomically(device, volume_id, run_fd)
+    device_link = os.path.join(devices_dir, volume_id)
+    if link_target(name, dir_fd) != device_link:
+        link_atomically(device_link, name, dir_fd)
+
+
+def device_link_target(volume_id, devices_dir):
+    """The device the device link of ``volume_id`` names, or None."""
+    return link_target(os.path.join(devices_dir, volume_id), None)
+
+
+def unlink_device(volume_id, devices_dir):
+    try:
+        with files.opened_dir(devices_dir, os.geteuid()) as run_fd:
+            files.unlink_quietly(volume_id, dir_fd=run_fd)
+    except FileNotFoundError:
+        pass
 
 
 def link_target(name, dir_fd):
