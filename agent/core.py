@@ -14,6 +14,8 @@ import stat
 import time
 import uuid
 
+import psutil
+
 from agent import config, errors, files, identity, locks, naming
 from agent.metrics import REGISTRY
 from agent.cache import manager
@@ -34,6 +36,15 @@ def disk_bytes(path):
     except OSError:
         return 0
     return st.st_blocks * 512
+
+
+def _writer_pid(name):
+    """The pid in a temporary name ``tmp-<pid>-<uuid>.part``, else None."""
+    parts = name.split('-', 2)
+    if len(parts) == 3 and parts[0] == 'tmp' and parts[1].isdigit() and \
+            parts[2].endswith('.part'):
+        return int(parts[1])
+    return None
 
 
 def lstat_or_none(name, dir_fd):
@@ -350,6 +361,30 @@ class TemplateAgent:
             report['cache_retired'] = cache.refresh(self.source)
             report['cache_evicted'] = [
                 e.image_id for e in cache.enforce_limits()]
+            report['reclaimed'] = self.reclaim_leftovers()
+        return report
+
+    def reclaim_leftovers(self, exports=False):
+        """Delete what killed processes left half made on the volume side:
+        temporary files of dead writers, volumes their creator never
+        finished, orphan templates; with ``exports`` (``init``: nothing
+        can be attaching meanwhile), also loop devices no base links."""
+        report = {'temporary_files': []}
+        for name in sorted(os.listdir(self.conf.state_path)):
+            pid = _writer_pid(name)
+            if pid and not psutil.pid_exists(pid):
+                files.unlink_quietly(os.path.join(self.conf.state_path, name))
+                report['temporary_files'].append(name)
+        if not self._uses_volumes():
+            return report
+        try:
+            backend = self.context.volume_backend
+            report['templates'] = self.context.image_volume_cache.reclaim()
+            in_use = {e.volume_id for e in self.index.all()
+                      if e.volume_id} if exports else None
+            report.update(backend.reclaim(in_use))
+        except errors.BackendUnavailable as exc:
+            report['error'] = str(exc)
         return report
 
     # -- volumes and the image-volume cache ---------------------------------
@@ -398,7 +433,8 @@ class TemplateAgent:
     def _write_new_volume(self, image, size, metadata, progress):
         from agent.images import download
         backend = self.context.volume_backend
-        tmp = os.path.join(self.conf.state_path, 'tmp-%s.part' % uuid.uuid4())
+        tmp = os.path.join(self.conf.state_path, 'tmp-%d-%s.part' % (
+            os.getpid(), uuid.uuid4()))
         volume_id = None
         try:
             def write_volume(fmt, virtual_size):
@@ -533,6 +569,8 @@ class TemplateAgent:
                 report['handlers'][name] = {'error': str(exc)}
             REGISTRY.inc('template_agent_links_restored_total',
                          len(report['handlers'][name].get('restored', [])))
+        # after the handlers re-attached what bases link to
+        report['reclaimed'] = self.reclaim_leftovers(exports=True)
         return report
 
     def metrics_gauges(self):

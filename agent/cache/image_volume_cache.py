@@ -198,6 +198,37 @@ class ImageVolumeCache:
                     released.append(holder)
         return released
 
+    def reclaim(self):
+        """Delete what a killed process left: temporary files of a dead
+        writer, and template volumes no entry knows whose creator is gone
+        (killed between writing the template and recording it)."""
+        gone = []
+        tmp_dir = os.path.join(self.state_dir, 'tmp')
+        for name in sorted(os.listdir(tmp_dir)) if os.path.isdir(
+                tmp_dir) else []:
+            parts = name.split('.')
+            if len(parts) == 3 and parts[2] == 'part' and \
+                    parts[1].isdigit() and not psutil.pid_exists(
+                        int(parts[1])):
+                files.unlink_quietly(os.path.join(tmp_dir, name))
+                gone.append(name)
+        known = {e.volume_id for e in self.entries()}
+        for volume in self.backend.list():
+            meta = volume.metadata
+            if meta.get('kind') != 'template' or volume.id in known:
+                continue
+            with self.lock(meta.get('image_id') or volume.id):
+                if volume.id in {e.volume_id for e in self.entries()}:
+                    continue
+                if meta.get('status') == 'creating' and meta.get('pid') \
+                        and psutil.pid_exists(meta['pid']):
+                    continue  # being written by a live process
+                LOG.info('deleting orphan template volume %s of image %s',
+                         volume.id, meta.get('image_id'))
+                self.backend.delete(volume.id)
+                gone.append(volume.id)
+        return gone
+
     def _reload(self, entry):
         data = self.db.get('entry:' + entry.volume_id)
         return CacheEntry(**data) if data else None
@@ -206,8 +237,8 @@ class ImageVolumeCache:
         """Create the template volume and write the image into it once."""
         tmp_dir = os.path.join(self.state_dir, 'tmp')
         os.makedirs(tmp_dir, exist_ok=True)
-        part = os.path.join(tmp_dir, hashlib.sha1(
-            image.id.encode()).hexdigest() + '.part')
+        part = os.path.join(tmp_dir, '%s.%d.part' % (hashlib.sha1(
+            image.id.encode()).hexdigest(), os.getpid()))
         volume_id = None
         try:
             def write_template(fmt, virtual_size):

@@ -21,6 +21,7 @@ import stat
 from agent import errors, files, locks
 from agent.cache.index import BaseImage
 from agent.handlers.base import BaseTemplateImageHandler
+from agent.images import download
 from agent.linking import attach, links
 
 
@@ -74,9 +75,18 @@ class VolumeLinkingTemplateImageHandler(BaseTemplateImageHandler):
             volume_id, origin = location, 'location'
             size, virtual_size = volume.size_bytes, image.size
         else:
-            cache_entry = self.cache.acquire(image, self.context.source,
-                                             holder, project_id=project_id,
-                                             progress=progress)
+            try:
+                cache_entry = self.cache.acquire(
+                    image, self.context.source, holder,
+                    project_id=project_id, progress=progress)
+            except (OSError, errors.InsufficientSpace) as exc:
+                if isinstance(exc, OSError) and \
+                        exc.errno not in download.NO_SPACE_ERRNOS:
+                    raise
+                # the volumes' filesystem is full: _base may not be
+                raise errors.HandlerCannotServe(
+                    handler=self.name, image_id=image.id,
+                    reason='no room for its template volume: %s' % exc)
             volume_id, origin = cache_entry.volume_id, 'cache'
             size = virtual_size = cache_entry.size_bytes
         try:

@@ -47,7 +47,10 @@ class VolumeBackend(abc.ABC):
 
     @abc.abstractmethod
     def create(self, size_bytes, metadata):
-        """Create an empty volume; return its id."""
+        """Create an empty volume; return its id. Its metadata says
+        ``status: creating`` (with this process's ``pid``) until
+        ``write_image`` completes, so ``reclaim`` can tell a volume whose
+        creator died from one still being written."""
 
     @abc.abstractmethod
     def get(self, volume_id):
@@ -92,3 +95,12 @@ class VolumeBackend(abc.ABC):
     @abc.abstractmethod
     def release(self, volume_id):
         """Drop the exports of ``volume_id`` (idempotent)."""
+
+    @abc.abstractmethod
+    def reclaim(self, in_use_volume_ids=None):
+        """Delete what a killed process left half made: volumes still
+        ``creating`` whose creator is gone, data without metadata. With
+        ``in_use_volume_ids``, also drop the exports of every other volume
+        (only when nothing can be attaching concurrently, i.e. ``init``).
+
+        :returns: ``{'volumes': [...], 'exports': [...]}`` what went"""

@@ -18,12 +18,14 @@ import tempfile
 import time
 import uuid
 
+import psutil
 from oslo_concurrency import lockutils
 
 from agent import errors, files
 from agent.volumes.base import Volume, VolumeBackend
 
 FICLONE = 0x40049409
+STALE_SECONDS = 300  # a metadata write takes milliseconds
 _UUID = re.compile(r'^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-'
                    r'[0-9a-f]{12}$')
 
@@ -37,27 +39,39 @@ def _privileged(call, *args):
         raise errors.BackendUnavailable(backend='local', reason=str(exc))
 
 
-def loop_devices_of(path):
-    """``[(device, read_only, autoclear)]`` of the loop devices backed by
-    ``path``, read from sysfs (no privilege needed)."""
-    real = os.path.realpath(path)
+def _sysfs(*parts):
+    with open(os.path.join('/sys/block', *parts)) as f:
+        return f.read().rstrip('\n')
+
+
+def attached_loop_devices():
+    """``[(device, backing file)]`` of every attached loop device, read
+    from sysfs (no privilege needed)."""
     found = []
     for entry in sorted(os.listdir('/sys/block')):
-        if not entry.startswith('loop'):
+        if entry.startswith('loop'):
+            try:
+                found.append(('/dev/' + entry,
+                              _sysfs(entry, 'loop', 'backing_file')))
+            except OSError:
+                continue  # not attached, or detached while we looked
+    return found
+
+
+def loop_devices_of(path):
+    """``[(device, read_only, autoclear)]`` of the loop devices backed by
+    ``path``."""
+    real = os.path.realpath(path)
+    found = []
+    for device, backing in attached_loop_devices():
+        if backing != real:
             continue
-        sys_dir = os.path.join('/sys/block', entry)
+        name = os.path.basename(device)
         try:
-            with open(os.path.join(sys_dir, 'loop', 'backing_file')) as f:
-                backing = f.read().rstrip('\n')
-            if backing != real:
-                continue
-            with open(os.path.join(sys_dir, 'ro')) as f:
-                read_only = f.read().strip() == '1'
-            with open(os.path.join(sys_dir, 'loop', 'autoclear')) as f:
-                autoclear = f.read().strip() == '1'
+            found.append((device, _sysfs(name, 'ro') == '1',
+                          _sysfs(name, 'loop', 'autoclear') == '1'))
         except OSError:
-            continue  # not attached, or detached while we looked
-        found.append(('/dev/' + entry, read_only, autoclear))
+            continue
     return found
 
 
@@ -155,10 +169,11 @@ class LocalVolumeBackend(VolumeBackend):
     def create(self, size_bytes, metadata):
         os.makedirs(self.path, exist_ok=True)
         volume_id = str(uuid.uuid4())
-        path = self._file(volume_id)
-        with open(path, 'xb') as f:
+        # the metadata first: a data file without it is always a leftover
+        self._write_meta(volume_id, dict(metadata, created=time.time(),
+                                         status='creating', pid=os.getpid()))
+        with open(self._file(volume_id), 'xb') as f:
             f.truncate(size_bytes)
-        self._write_meta(volume_id, dict(metadata, created=time.time()))
         return volume_id
 
     def get(self, volume_id):
@@ -199,15 +214,17 @@ class LocalVolumeBackend(VolumeBackend):
         source = self.get(volume_id)
         new_id = str(uuid.uuid4())
         dst = self._file(new_id)
+        meta = dict(metadata, created=time.time(), source_volume=volume_id)
         try:
+            self._write_meta(new_id, dict(meta, status='creating',
+                                          pid=os.getpid()))
             if self.capabilities()['reflink']:
                 reflink(src, dst)
             else:
                 sparse_copy(src, dst)
             if size_bytes > source.size_bytes:
                 os.truncate(dst, size_bytes)
-            self._write_meta(new_id, dict(metadata, created=time.time(),
-                                          source_volume=volume_id))
+            self._write_meta(new_id, dict(meta, status='available'))
         except BaseException:
             for p in (dst, self._meta_file(new_id)):
                 files.unlink_quietly(p)
@@ -227,6 +244,44 @@ class LocalVolumeBackend(VolumeBackend):
                                 image_id=volume_id, existing_target=True)
         with open(self._file(volume_id), 'rb+') as f:
             os.fsync(f.fileno())
+        self.update_metadata(volume_id, status='available', pid=None)
+
+    def reclaim(self, in_use_volume_ids=None):
+        gone = {'volumes': [], 'exports': []}
+        if not os.path.isdir(self.path):
+            return gone
+        names = set(os.listdir(self.path))
+        for name in sorted(names):
+            if not name.startswith('volume-'):
+                continue
+            if name.endswith('.json'):
+                volume_id = name[7:-5]
+                try:
+                    meta = self._read_meta(volume_id)
+                except (errors.VolumeNotFound, ValueError):
+                    continue
+                dead = meta.get('status') == 'creating' and not (
+                    meta.get('pid') and psutil.pid_exists(meta['pid']))
+                if dead or 'volume-' + volume_id not in names:
+                    self.delete(volume_id)
+                    gone['volumes'].append(volume_id)
+            elif name.endswith('.json.tmp'):
+                path = os.path.join(self.path, name)
+                with contextlib.suppress(OSError):
+                    if time.time() - os.lstat(path).st_mtime > STALE_SECONDS:
+                        os.unlink(path)
+            elif _UUID.match(name[7:]) and name + '.json' not in names:
+                self.delete(name[7:])  # data whose metadata never came
+                gone['volumes'].append(name[7:])
+        if in_use_volume_ids is not None:
+            keep = {os.path.realpath(self._file(v))
+                    for v in in_use_volume_ids}
+            prefix = os.path.realpath(self.path) + '/volume-'
+            for device, backing in attached_loop_devices():
+                if backing.startswith(prefix) and backing not in keep:
+                    _privileged(lambda m: m.detach, device)
+                    gone['exports'].append(device)
+        return gone
 
     def open_volume(self, volume_id):
         try:
