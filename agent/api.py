@@ -329,7 +329,7 @@ class ApiServer:
             handler, project = body.get('handler'), _project(body)
             if handler is not None:
                 from agent.handlers import registry
-                registry.load(handler)
+                registry.validate(handler)
             job = self.jobs.start('fetch', image_id, lambda progress: {
                 'path': agent.fetch_image(image_id, handler=handler,
                                           project_id=project,

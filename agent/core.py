@@ -71,7 +71,7 @@ class TemplateAgent:
         # fail at start on an unknown handler name, listing the valid ones
         self.chain_names = list(conf.template_image_handler)
         for name in self.chain_names:
-            registry.load(name)
+            registry.validate(name)
         # from here on this process works as the owner of instances_path
         self.owner = identity.enter(conf)
         self.scanner = UsageScanner(conf)
@@ -125,7 +125,7 @@ class TemplateAgent:
         filename = os.path.basename(path)
         names = [handler] if handler else self.chain_names
         for name in names:
-            registry.load(name)
+            registry.validate(name)
         with self.lock(filename, progress), \
                 self.context.base_dir_fd() as dir_fd:
             st = lstat_or_none(filename, dir_fd)
@@ -232,11 +232,15 @@ class TemplateAgent:
         return entry
 
     # -- listing ------------------------------------------------------------
-    def reconcile(self):
+    def reconcile(self, entries=None):
         """Make the index agree with ``_base`` (adopt nova-made files, drop
-        entries whose file is gone), each name under its lock."""
+        entries whose file is gone), each name under its lock.
+
+        :param entries: ``index.all()``, when the caller read it already
+        """
         present = set(manager.base_names(self.base_dir))
-        known = {e.filename for e in self.index.all()}
+        known = {e.filename for e in (
+            self.index.all() if entries is None else entries)}
         adopted, dropped = [], []
         for filename in sorted(present ^ known):
             with self.lock(filename), self.context.base_dir_fd() as dir_fd:
@@ -287,8 +291,10 @@ class TemplateAgent:
 
     def list_images(self):
         """Every base with its users; usage problems become warnings."""
-        self.reconcile()
-        entries = sorted(self.index.all(), key=lambda e: e.filename)
+        entries = self.index.all()
+        if any(self.reconcile(entries)):
+            entries = self.index.all()
+        entries.sort(key=lambda e: e.filename)
         paths = [os.path.join(self.base_dir, e.filename) for e in entries]
         usage = self.scanner.scan(paths, strict=False)
         return [self.describe(e, usage) for e in entries], usage.warnings

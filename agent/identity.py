@@ -169,6 +169,9 @@ def _preload(conf):
     import agent
     for module in pkgutil.walk_packages(agent.__path__, 'agent.'):
         importlib.import_module(module.name)
+    from agent.handlers import registry
+    for name in conf.template_image_handler:
+        registry.load(name)  # a third party's too
     if conf.libvirt.connection_uri:
         try:
             import libvirt  # noqa: F401

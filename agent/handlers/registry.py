@@ -27,6 +27,14 @@ def available():
     return sorted(set(BUILTIN) | set(_entry_points()))
 
 
+def validate(name):
+    """``name`` if a handler is registered under it (without importing
+    it); UnknownHandler if none."""
+    if name in BUILTIN or name in _entry_points():
+        return name
+    raise errors.UnknownHandler(name=name, valid=', '.join(available()))
+
+
 def load(name):
     """The handler class registered as ``name``; UnknownHandler if none."""
     if name in BUILTIN:

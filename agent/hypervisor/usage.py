@@ -12,7 +12,7 @@ import collections
 import dataclasses
 import os
 
-from agent import config, errors
+from agent import config, errors, identity
 from agent.files import stat_key
 from agent.hypervisor import instance_disks, libvirt_domains
 
@@ -97,5 +97,8 @@ def _open_file_holders(by_key):
     ``/proc/PID/fd``)."""
     if not by_key:
         return []
-    from agent.privileged import process_files
-    return process_files.holders(sorted(by_key), exclude_pids=[os.getpid()])
+    if identity.dropped():
+        from agent.privileged.process_files import holders
+    else:  # this process may read them itself (no privsep import)
+        from agent.hypervisor.open_files import holders
+    return holders(sorted(by_key), exclude_pids=[os.getpid()])

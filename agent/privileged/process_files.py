@@ -1,48 +1,16 @@
 """Which processes hold given files or devices open (context
-``process_files``: CAP_SYS_PTRACE to read any ``/proc/PID/fd``,
+``process_context``: CAP_SYS_PTRACE to read any ``/proc/PID/fd``,
 CAP_DAC_READ_SEARCH to stat what they point at).
 
-psutil's ``open_files()`` lists regular files only; a QEMU reading a linked
-base holds a block device, so the descriptors are stat'ed directly. The
-caller names the files it asks about by key; only matches come back, so the
-answer tells nothing about other files.
+The caller names the files it asks about by key; only matches come back,
+so the answer tells nothing about other files.
 """
 
-import os
-
-import psutil
-
 from agent import privileged
-from agent.files import stat_key
+from agent.hypervisor import open_files
 
 
 @privileged.process_context.entrypoint
 def holders(keys, exclude_pids=()):
-    """``[(pid, process_name, key), ...]`` for every open descriptor of any
-    process whose target is one of ``keys`` (``agent.files.stat_key``)."""
-    wanted = {tuple(k) for k in keys}
-    exclude = set(exclude_pids)
-    found = []
-    for pid in psutil.pids():
-        if pid in exclude:
-            continue
-        fd_dir = '/proc/%d/fd' % pid
-        try:
-            fds = os.listdir(fd_dir)
-        except OSError:
-            continue
-        name = None
-        for fd in fds:
-            try:
-                key = stat_key(os.stat(os.path.join(fd_dir, fd)))
-            except OSError:
-                continue
-            if key not in wanted:
-                continue
-            if name is None:
-                try:
-                    name = psutil.Process(pid).name()
-                except psutil.Error:
-                    name = '?'
-            found.append((pid, name, key))
-    return found
+    """``agent.hypervisor.open_files.holders``, privileged."""
+    return open_files.holders(keys, exclude_pids)
