@@ -385,6 +385,7 @@ class ApiServer:
         class Handler(http.server.BaseHTTPRequestHandler):
             protocol_version = 'HTTP/1.1'
             server_version = 'template-agent'
+            methods = ('GET', 'POST', 'DELETE')
 
             def address_string(self):
                 return 'pid %s uid %s' % getattr(self, 'peer', ('?',) * 3)[:2]
@@ -398,7 +399,20 @@ class ApiServer:
                     struct.calcsize('3i'))
                 return struct.unpack('3i', creds)
 
-            def _send(self, status, payload):
+            def parse_request(self):
+                if not super().parse_request():
+                    return False
+                if self.command in self.methods:
+                    return True
+                self.close_connection = True  # its body is left unread
+                self._send(405, {'error': {
+                    'type': 'MethodNotAllowed', 'exit_code': 1,
+                    'message': 'method %s is not supported; use %s' % (
+                        self.command, ', '.join(self.methods))}},
+                    allow=', '.join(self.methods))
+                return False
+
+            def _send(self, status, payload, allow=None):
                 if isinstance(payload, str):
                     data = payload.encode('utf-8')
                     ctype = 'text/plain; version=0.0.4; charset=utf-8'
@@ -408,6 +422,10 @@ class ApiServer:
                 self.send_response(status)
                 self.send_header('Content-Type', ctype)
                 self.send_header('Content-Length', str(len(data)))
+                if allow:
+                    self.send_header('Allow', allow)
+                if self.close_connection:
+                    self.send_header('Connection', 'close')
                 self.end_headers()
                 self.wfile.write(data)
                 REGISTRY.inc('template_agent_api_requests_total',
@@ -463,8 +481,5 @@ class ApiServer:
 
             def do_DELETE(self):
                 self._dispatch('DELETE')
-
-            def do_PUT(self):
-                self._dispatch('PUT')
 
         return Handler
