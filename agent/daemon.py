@@ -49,8 +49,7 @@ class Service:
         report = self.agent.init()
         LOG.info('init done', extra={'init': report})
         conf = self.agent.conf
-        self.api = api.ApiServer(self, conf.api.socket_path,
-                                 conf.api.allowed_groups)
+        self.api = api.ApiServer(self, conf.api)
         self.api.start()
         systemd.notify('READY=1', 'STATUS=' + self.status_line())
         LOG.info('serving on %s', conf.api.socket_path)
@@ -114,6 +113,8 @@ class Service:
         if new.conf.api.socket_path != self.agent.conf.api.socket_path:
             LOG.warning('[api] socket_path changes need a restart')
         self.agent = new
+        if self.api is not None:
+            self.api.limits = new.conf.api
         LOG.info('configuration reloaded')
         systemd.notify('STATUS=' + self.status_line())
         return True
