@@ -12,6 +12,7 @@ nothing partial is published), sends STOPPING=1 and exits 0.
 """
 
 import logging
+import resource
 import signal
 import threading
 import time
@@ -24,6 +25,20 @@ DEFAULT_PASS_INTERVAL = 60
 TEXTFILE_INTERVAL = 60
 STOP_TIMEOUT = 60
 GAUGE_TTL = 30
+
+
+def _raise_open_files_limit():
+    """Raise the soft limit of open files to the hard one: every API
+    connection holds a descriptor, and the soft limit is often 1024 (systemd
+    keeps it there for programs using select()) below a far higher hard
+    one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError) as exc:
+            LOG.warning('cannot raise the open files limit from %d to %d: '
+                        '%s', soft, hard, exc)
 
 
 class Service:
@@ -41,6 +56,7 @@ class Service:
     # -- lifecycle ----------------------------------------------------------
     def run(self):
         logs.setup(self.verbose)
+        _raise_open_files_limit()
         self.agent = core.TemplateAgent(config.load(self.config_files))
         signal.signal(signal.SIGTERM, lambda *_: self._stop.set())
         signal.signal(signal.SIGINT, lambda *_: self._stop.set())

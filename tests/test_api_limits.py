@@ -334,6 +334,19 @@ def test_the_listen_backlog_takes_a_burst(service):
     assert int(listing[1].split()[3]) >= 128  # Send-Q: the backlog
 
 
+def test_the_open_files_limit_is_raised_to_the_hard_limit(service):
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(1024, hard), hard))
+    try:
+        service.start()
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    with open('/proc/%d/limits' % service.proc.pid) as f:
+        limit = [line.split()[3:5] for line in f
+                 if line.startswith('Max open files')][0]
+    assert limit == [str(hard)] * 2
+
+
 def test_unsupported_methods_get_a_json_405(service):
     service.start()
     status, payload = service.raw('PUT', '/v1/images/x', b'{}')
