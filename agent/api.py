@@ -9,6 +9,16 @@ Long operations (fetch, precache, volume create) run as jobs: the POST
 answers 202 with the job, ``GET /v1/jobs/<id>?wait=<seconds>`` reports its
 progress and, once done, its result or error.
 
+No peer can starve the others (see the ``[api]`` options): the accept
+loop reads SO_PEERCRED and caps the connections of each uid
+(``max_connections_per_uid``) and of all unprivileged peers together
+(``max_connections``) before a thread is spent on them; a connection over a
+cap gets a 503 at once and is closed. Root and the service's own uid are
+outside the total, so allowed groups cannot crowd them out. A connection
+without a request for ``idle_timeout`` seconds is closed, and so is one
+whose request line and headers take longer than ``header_timeout`` from
+their first byte; a body late by ``body_timeout`` gets a 408.
+
 =======  ==============================  ====================================
 method   path                            what
 =======  ==============================  ====================================
@@ -31,8 +41,10 @@ GET      /v1/jobs/<id>[?wait=seconds]    a job's state
 =======  ==============================  ====================================
 """
 
+import collections
 import grp
 import http.server
+import io
 import json
 import logging
 import os
@@ -41,6 +53,7 @@ import re
 import socket
 import socketserver
 import struct
+import sys
 import threading
 import time
 import urllib.parse
@@ -53,6 +66,9 @@ LOG = logging.getLogger(__name__)
 MAX_BODY = 64 * 1024
 MAX_PRECACHE = 1000
 MAX_VOLUME_GB = 64 * 1024
+# socketserver listens with 5: a burst of clients would fail to connect
+# (EAGAIN when the client has a timeout) instead of waiting to be accepted
+LISTEN_BACKLOG = 1024
 STATUS_OF = {
     errors.InvalidImageId: 400, errors.ConfigError: 400,
     errors.ImageNotFound: 404, errors.BaseImageNotFound: 404,
@@ -69,15 +85,20 @@ STATUS_OF = {
 class BadRequest(errors.AgentError):
     message = 'Bad request: %(reason)s'
     exit_code = 2
+    http_status = 400
+
+
+class RequestTimeout(errors.AgentError):
+    message = ('the request body did not arrive within %(seconds)d s '
+               '([api] body_timeout)')
+    http_status = 408
 
 
 def http_status(exc):
     for cls in type(exc).__mro__:
         if cls in STATUS_OF:
             return STATUS_OF[cls]
-    if isinstance(exc, BadRequest):
-        return 400
-    return 500
+    return getattr(exc, 'http_status', 500)
 
 
 def error_body(exc):
@@ -197,29 +218,166 @@ def _project(body):
 
 
 # -- the server -----------------------------------------------------------
+def _peer(sock):
+    """``(pid, uid, gid)`` of the process that connected ``sock``."""
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                            struct.calcsize('3i'))
+    return struct.unpack('3i', creds)
+
+
+def _privileged(uid):
+    return uid in (0, os.getuid())
+
+
 class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    """Accepts on one thread and refuses connections over the caps there,
+    without a thread. Each admitted connection gets a thread, so the caps
+    bound the threads: at most ``max_connections`` plus
+    ``max_connections_per_uid`` for root and for the service's uid."""
+
     daemon_threads = True
     allow_reuse_address = False
+    request_queue_size = LISTEN_BACKLOG
+
+    def __init__(self, path, handler_class, limits):
+        self.limits = limits
+        self._lock = threading.Lock()
+        self._per_uid = collections.Counter()
+        self._unprivileged = 0
+        self._refused = 0
+        self._next_warning = 0
+        super().__init__(path, handler_class)
+
+    def get_request(self):
+        sock, _ = self.socket.accept()
+        return sock, _peer(sock)  # the handlers' client_address
+
+    def verify_request(self, sock, peer):
+        refusal = self._admit(peer[1])
+        if refusal:
+            self._refuse(sock, peer, *refusal)
+        return not refusal
+
+    def _admit(self, uid):
+        """Count a connection of ``uid`` in; or return ``(cap, why)`` if a
+        cap is full."""
+        limits = self.limits
+        with self._lock:
+            if self._per_uid[uid] >= limits.max_connections_per_uid:
+                return 'max_connections_per_uid', (
+                    'uid %d has %d connections open ([api] '
+                    'max_connections_per_uid)' % (uid, self._per_uid[uid]))
+            if not _privileged(uid) and \
+                    self._unprivileged >= limits.max_connections:
+                return 'max_connections', (
+                    '%d connections are open ([api] max_connections)'
+                    % self._unprivileged)
+            self._per_uid[uid] += 1
+            self._unprivileged += not _privileged(uid)
+        return None
+
+    def _release(self, uid):
+        with self._lock:
+            self._per_uid[uid] -= 1
+            if not self._per_uid[uid]:
+                del self._per_uid[uid]
+            self._unprivileged -= not _privileged(uid)
+
+    def _refuse(self, sock, peer, cap, why):
+        body = json.dumps({'error': {
+            'type': 'TooManyConnections', 'exit_code': 1,
+            'message': why + '; retry later'}}).encode()
+        sock.setblocking(False)  # the accept loop never waits for a peer
+        try:
+            sock.send(b'HTTP/1.1 503 Service Unavailable\r\n'
+                      b'Content-Type: application/json\r\n'
+                      b'Content-Length: %d\r\nConnection: close\r\n\r\n%s'
+                      % (len(body), body))
+        except OSError:
+            pass  # gone already: closing is answer enough
+        REGISTRY.inc('template_agent_api_connections_refused_total', cap=cap)
+        # one line a minute, however hard a peer keeps knocking
+        self._refused += 1
+        if time.monotonic() >= self._next_warning:
+            LOG.warning('refused %d API connection(s) in the last minute, '
+                        'the latest of pid %d uid %d: %s', self._refused,
+                        peer[0], peer[1], why)
+            self._refused = 0
+            self._next_warning = time.monotonic() + 60
+
+    def process_request(self, sock, peer):
+        try:
+            super().process_request(sock, peer)
+        except BaseException:  # no thread: the connection is not counted
+            self._release(peer[1])
+            raise
+
+    def process_request_thread(self, sock, peer):
+        try:
+            super().process_request_thread(sock, peer)
+        finally:
+            self._release(peer[1])
+
+    def handle_error(self, sock, peer):
+        # socketserver would print a traceback on stderr, where logs are
+        # JSON lines; a peer that hangs up mid-answer is no service error
+        exc = sys.exc_info()[1]
+        if isinstance(exc, OSError):
+            LOG.info('api pid %d uid %d: connection lost: %s', peer[0],
+                     peer[1], exc)
+        else:
+            LOG.exception('api pid %d uid %d: connection failed', peer[0],
+                          peer[1])
+
+
+class _DeadlineReader(io.RawIOBase):
+    """The reading side of a socket, where each recv only waits for what
+    is left until ``deadline``: a per-recv timeout alone would let a peer
+    stretch its request forever by trickling a byte at a time. Between
+    reads, the socket's timeout is ``write_timeout`` (a peer that does not
+    take its answer)."""
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.deadline = 0.0
+        self.write_timeout = None
+
+    def readable(self):
+        return True
+
+    def readinto(self, buf):
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise socket.timeout('deadline passed')
+        self.sock.settimeout(left)
+        try:
+            return self.sock.recv_into(buf)
+        finally:
+            self.sock.settimeout(self.write_timeout)
 
 
 class ApiServer:
-    """Serves the API of ``service.agent`` (swapped on reload)."""
+    """Serves the API of ``service.agent`` (swapped on reload).
 
-    def __init__(self, service, socket_path, allowed_groups):
+    ``conf`` is the ``[api]`` group; assign ``limits`` on reload to apply
+    new timeouts and caps (``socket_path`` and ``allowed_groups`` need a
+    restart)."""
+
+    def __init__(self, service, conf):
         self.service = service
         self.jobs = Jobs()
-        self.socket_path = socket_path
+        self.socket_path = conf.socket_path
         self.allowed_gids = set()
-        for name in allowed_groups:
+        for name in conf.allowed_groups:
             try:
                 self.allowed_gids.add(grp.getgrnam(name).gr_gid)
             except KeyError:
                 LOG.warning('[api] allowed_groups: no group %r', name)
         self._prepare_socket_path()
-        self.server = _Server(socket_path, self._handler_class())
-        os.chmod(socket_path, 0o660)
+        self.server = _Server(self.socket_path, self._handler_class(), conf)
+        os.chmod(self.socket_path, 0o660)
         if self.allowed_gids:
-            os.chown(socket_path, -1, sorted(self.allowed_gids)[0])
+            os.chown(self.socket_path, -1, sorted(self.allowed_gids)[0])
         self._precache_pool = None
         self._thread = threading.Thread(target=self.server.serve_forever,
                                          name='api', daemon=True)
@@ -238,6 +396,14 @@ class ApiServer:
                     reason='another service answers on %s' % self.socket_path)
             finally:
                 probe.close()
+
+    @property
+    def limits(self):
+        return self.server.limits
+
+    @limits.setter
+    def limits(self, conf):
+        self.server.limits = conf
 
     def start(self):
         self._thread.start()
@@ -390,20 +556,50 @@ class ApiServer:
         class Handler(http.server.BaseHTTPRequestHandler):
             protocol_version = 'HTTP/1.1'
             server_version = 'template-agent'
+            methods = ('GET', 'POST', 'DELETE')
+
+            def setup(self):
+                super().setup()
+                self.rfile.close()
+                self.reader = _DeadlineReader(self.connection)
+                self.rfile = io.BufferedReader(self.reader)
 
             def address_string(self):
-                return 'pid %s uid %s' % getattr(self, 'peer', ('?',) * 3)[:2]
+                return 'pid %s uid %s' % self.client_address[:2]
 
             def log_message(self, fmt, *args):
                 LOG.debug('api %s: ' + fmt, self.address_string(), *args)
 
-            def _peer(self):
-                creds = self.request.getsockopt(
-                    socket.SOL_SOCKET, socket.SO_PEERCRED,
-                    struct.calcsize('3i'))
-                return struct.unpack('3i', creds)
+            def handle_one_request(self):
+                limits = self.server.limits
+                self.reader.write_timeout = limits.idle_timeout
+                self.reader.deadline = time.monotonic() + limits.idle_timeout
+                try:
+                    if not self.rfile.peek(1):
+                        self.close_connection = True
+                        return
+                except OSError:  # idle for too long, or gone
+                    self.close_connection = True
+                    return
+                # from its first byte, the whole header has a deadline
+                self.reader.deadline = (time.monotonic() +
+                                        limits.header_timeout)
+                super().handle_one_request()
 
-            def _send(self, status, payload):
+            def parse_request(self):
+                if not super().parse_request():
+                    return False
+                if self.command in self.methods:
+                    return True
+                self.close_connection = True  # its body is left unread
+                self._send(405, {'error': {
+                    'type': 'MethodNotAllowed', 'exit_code': 1,
+                    'message': 'method %s is not supported; use %s' % (
+                        self.command, ', '.join(self.methods))}},
+                    allow=', '.join(self.methods))
+                return False
+
+            def _send(self, status, payload, allow=None):
                 if isinstance(payload, str):
                     data = payload.encode('utf-8')
                     ctype = 'text/plain; version=0.0.4; charset=utf-8'
@@ -413,36 +609,43 @@ class ApiServer:
                 self.send_response(status)
                 self.send_header('Content-Type', ctype)
                 self.send_header('Content-Length', str(len(data)))
+                if allow:
+                    self.send_header('Allow', allow)
+                if self.close_connection:
+                    self.send_header('Connection', 'close')
                 self.end_headers()
                 self.wfile.write(data)
                 REGISTRY.inc('template_agent_api_requests_total',
                              method=self.command, status=status)
 
             def _dispatch(self, method):
+                # outside _answer: a peer that does not take its answer
+                # is dropped by handle_one_request, not answered a 500
+                self._send(*self._answer(method))
+
+            def _answer(self, method):
                 try:
-                    self.peer = self._peer()
-                    if not api.authorized(*self.peer):
-                        return self._send(403, {'error': {
+                    if not api.authorized(*self.client_address):
+                        return 403, {'error': {
                             'type': 'Forbidden', 'exit_code': 1,
                             'message': 'uid %d is neither root nor in '
-                            '[api] allowed_groups' % self.peer[1]}})
+                            '[api] allowed_groups' % self.client_address[1]}}
                     url = urllib.parse.urlsplit(self.path)
                     body = self._read_body()
-                    status, payload = api.route(
+                    return api.route(
                         method, url.path, urllib.parse.parse_qs(url.query),
                         body)
-                    self._send(status, payload)
                 except errors.AgentError as exc:
                     status = http_status(exc)
                     if status == 500 and str(exc).startswith('no such path'):
                         status = 404
-                    self._send(status, error_body(exc))
+                    return status, error_body(exc)
                 except Exception as exc:  # never take the service down
                     LOG.exception('API request %s %s failed', method,
                                   self.path)
-                    self._send(500, {'error': {
+                    return 500, {'error': {
                         'type': type(exc).__name__, 'exit_code': 1,
-                        'message': 'internal error: %s' % exc}})
+                        'message': 'internal error: %s' % exc}}
 
             def _read_body(self):
                 try:
@@ -454,7 +657,13 @@ class ApiServer:
                                      % MAX_BODY)
                 if not length:
                     return {}
-                raw = self.rfile.read(length)
+                timeout = self.server.limits.body_timeout
+                self.reader.deadline = time.monotonic() + timeout
+                try:
+                    raw = self.rfile.read(length)
+                except socket.timeout:
+                    self.close_connection = True  # the rest may still come
+                    raise RequestTimeout(seconds=timeout)
                 try:
                     return json.loads(raw.decode('utf-8'))
                 except (UnicodeDecodeError, ValueError):
@@ -468,8 +677,5 @@ class ApiServer:
 
             def do_DELETE(self):
                 self._dispatch('DELETE')
-
-            def do_PUT(self):
-                self._dispatch('PUT')
 
         return Handler

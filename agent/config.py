@@ -314,6 +314,113 @@ uses it when it answers, and works directly otherwise.
 Groups whose members may use the local API, besides root. Peers are
 identified by SO_PEERCRED; anyone else gets HTTP 403. The socket is created
 with mode 0660 and the first of these groups that exists.
+
+Related options:
+
+* ``max_connections``, ``max_connections_per_uid``: what members of these
+  groups may hold open
+"""),
+    cfg.IntOpt(
+        'idle_timeout',
+        default=30,
+        min=1,
+        help="""
+Seconds a connection may stay open without a request before the service
+closes it; also how long a peer may leave an answer unread. Every open
+connection takes a thread and a slot of ``max_connections_per_uid`` (and of
+``max_connections``), which a forgotten keep-alive connection gives back
+after this long. The CLI opens a connection per request and waits for jobs
+within requests (``?wait=``), so only clients that keep connections alive
+see this; 30 seconds lets them reuse a connection and frees slots soon.
+
+Possible values:
+
+* a positive number of seconds
+
+Related options:
+
+* ``header_timeout``, ``body_timeout``
+"""),
+    cfg.IntOpt(
+        'header_timeout',
+        default=10,
+        min=1,
+        help="""
+Seconds the request line and headers of a request may take, counted from
+their first byte; the service closes the connection of a peer that is
+slower. This deadline covers the whole header, so a peer cannot keep a
+connection (and its thread) busy by sending a byte at a time. Local
+clients send a header in one write; 10 seconds leave room for a host under
+heavy load.
+
+Possible values:
+
+* a positive number of seconds
+
+Related options:
+
+* ``idle_timeout``: the wait before the first byte
+* ``body_timeout``
+"""),
+    cfg.IntOpt(
+        'body_timeout',
+        default=10,
+        min=1,
+        help="""
+Seconds the body of a request (at most 64 KiB of JSON) may take to arrive
+after its header; a slower request is answered 408 and its connection
+closed.
+
+Possible values:
+
+* a positive number of seconds
+
+Related options:
+
+* ``header_timeout``
+"""),
+    cfg.IntOpt(
+        'max_connections',
+        default=256,
+        min=1,
+        help="""
+Maximum number of connections open at once from all peers other than root
+and the service's own user; a connection over the cap is answered 503 and
+closed as soon as it is accepted. Root and the service's user are not
+counted, so they are served however many connections members of
+``allowed_groups`` hold (they have ``max_connections_per_uid`` each).
+Every open connection takes a thread and a file descriptor: 256 is four
+users at their ``max_connections_per_uid``, far more than nova-compute and
+the CLI need, and small enough for any host.
+
+Possible values:
+
+* a positive integer
+
+Related options:
+
+* ``max_connections_per_uid``
+* ``allowed_groups``
+"""),
+    cfg.IntOpt(
+        'max_connections_per_uid',
+        default=64,
+        min=1,
+        help="""
+Maximum number of connections open at once from one user (SO_PEERCRED
+uid), root included; a connection over the cap is answered 503 and closed
+as soon as it is accepted. This keeps one user from taking all of
+``max_connections``. 64 covers nova-compute's concurrent builds, its cache
+manager and CLI calls of the same user with room to spare.
+
+Possible values:
+
+* a positive integer
+
+Related options:
+
+* ``max_connections``
+* ``idle_timeout``: how soon a forgotten connection gives its slot back
 """),
 ]
 

@@ -12,6 +12,7 @@ nothing partial is published), sends STOPPING=1 and exits 0.
 """
 
 import logging
+import resource
 import signal
 import threading
 import time
@@ -24,6 +25,20 @@ DEFAULT_PASS_INTERVAL = 60
 TEXTFILE_INTERVAL = 60
 STOP_TIMEOUT = 60
 GAUGE_TTL = 30
+
+
+def _raise_open_files_limit():
+    """Raise the soft limit of open files to the hard one: every API
+    connection holds a descriptor, and the soft limit is often 1024 (systemd
+    keeps it there for programs using select()) below a far higher hard
+    one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError) as exc:
+            LOG.warning('cannot raise the open files limit from %d to %d: '
+                        '%s', soft, hard, exc)
 
 
 class Service:
@@ -41,12 +56,12 @@ class Service:
     # -- lifecycle ----------------------------------------------------------
     def run(self):
         logs.setup(self.verbose)
+        _raise_open_files_limit()
         systemd.notify('STATUS=starting')  # connects while still root
         conf = config.load(self.config_files)
         # bound while still root (the socket's directory is root's), then
         # the agent core drops to the owner of instances_path
-        self.api = api.ApiServer(self, conf.api.socket_path,
-                                 conf.api.allowed_groups)
+        self.api = api.ApiServer(self, conf.api)
         try:
             self.agent = core.TemplateAgent(conf)
         except BaseException:
@@ -121,6 +136,8 @@ class Service:
         if new.conf.api.socket_path != self.agent.conf.api.socket_path:
             LOG.warning('[api] socket_path changes need a restart')
         self.agent = new
+        if self.api is not None:
+            self.api.limits = new.conf.api
         LOG.info('configuration reloaded')
         systemd.notify('STATUS=' + self.status_line())
         return True

@@ -31,6 +31,9 @@ DEFINITIONS = {
         ('gauge', 'Disk bytes taken by base images in _base.'),
     'template_agent_api_requests_total':
         ('counter', 'Local API requests by method and status.'),
+    'template_agent_api_connections_refused_total':
+        ('counter', 'Local API connections refused, by the [api] cap that '
+                    'was full.'),
 }
 
 
