@@ -19,7 +19,7 @@ _UNITS = {'': 1, 's': 1, 'm': 60, 'h': 3600, 'd': 86400, 'w': 604800}
 
 
 def parse_duration(text):
-    """``'90'``, ``'30s'``, ``'10m'``, ``'2h'``, ``'1d'``, ``'1w'`` -> seconds."""
+    """'90', '30s', '10m', '2h', '1d' or '1w', in seconds."""
     m = _DURATION.match(text or '')
     if not m:
         raise click.BadParameter('%r is not a duration such as 0, 30s, 10m, '
@@ -405,7 +405,7 @@ def init(ctx, fmt):
             click.echo('handler %s: %s' % (name, json.dumps(result)))
 
 
-# -- block storage side --------------------------------------------------------
+# -- block storage side -------------------------------------------------------
 @main.group()
 def volume():
     """Volumes of the volume backend (block storage side)."""

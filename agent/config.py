@@ -486,7 +486,8 @@ def load(config_files=None, overrides=None):
 
 
 def base_dir(conf):
-    return os.path.join(conf.instances_path, conf.image_cache.subdirectory_name)
+    return os.path.join(conf.instances_path,
+                        conf.image_cache.subdirectory_name)
 
 
 def lock_dir(conf):

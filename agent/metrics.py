@@ -64,7 +64,8 @@ class Registry:
         """The exposition text; ``gauges``: ``[(name, labels, value)]``
         computed by the caller at scrape time."""
         with self._lock:
-            samples = [(n, dict(l), v) for (n, l), v in self._values.items()]
+            samples = [(n, dict(labels), v)
+                       for (n, labels), v in self._values.items()]
         samples.extend(gauges)
         lines = []
         for name in sorted({s[0] for s in samples}):

@@ -127,17 +127,17 @@ def main():
                 linker.fetch_image(image_id)          # warm the template
                 linker.remove_image(image_id)
 
-                def link():
+                def link(image_id=image_id):
                     linker.fetch_image(image_id)
 
-                def download():
+                def download(image_id=image_id):
                     downloader.fetch_image(image_id)
                 link_s = median_time(
                     link, args.runs,
-                    before=lambda: _remove_quietly(linker, image_id))
+                    before=lambda i=image_id: _remove_quietly(linker, i))
                 dl_s = median_time(
                     download, args.runs,
-                    before=lambda: _remove_quietly(downloader, image_id))
+                    before=lambda i=image_id: _remove_quietly(downloader, i))
                 _remove_quietly(linker, image_id)
                 _remove_quietly(downloader, image_id)
                 results[size] = (link_s, dl_s)

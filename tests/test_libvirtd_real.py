@@ -317,7 +317,8 @@ def test_running_domains_protect_their_base_until_undefined(
             domains[name] = dom
             dom.create()
         for name, dom in domains.items():
-            wait_for(lambda: dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING,
+            wait_for(lambda dom=dom: dom.state()[0] ==
+                     libvirt.VIR_DOMAIN_RUNNING,
                      30, '%s running' % name)
 
         # libvirt's live XML has the chain overlay -> base
@@ -335,7 +336,7 @@ def test_running_domains_protect_their_base_until_undefined(
             assert [os.path.realpath(f) for f, _ in backing] == \
                 [os.path.realpath(base)], backing
             assert backing[0][1] == 'raw'
-            pids[name] = wait_for(lambda: qemu_pid(name), 5,
+            pids[name] = wait_for(lambda name=name: qemu_pid(name), 5,
                                   'pid file of %s' % name)
             assert key_of(base) in fd_targets(pids[name]), \
                 'QEMU %d of %s does not hold %s open' % (pids[name], name,
@@ -344,7 +345,8 @@ def test_running_domains_protect_their_base_until_undefined(
         # the guests boot from the base's boot sector, read through the
         # empty overlay: QEMU reads the disk through the chain
         for name in domains:
-            wait_for(lambda: token in read_text(serials[name]), BOOT_TIMEOUT,
+            wait_for(lambda name=name: token in read_text(serials[name]),
+                     BOOT_TIMEOUT,
                      'the boot token on the serial port of %s (got %r)'
                      % (name, read_text(serials[name])[-200:]))
         for disk, _ in overlays.values():
@@ -391,7 +393,7 @@ def test_running_domains_protect_their_base_until_undefined(
         # -- destroyed but defined: the inactive XML still protects it ------
         for name, dom in domains.items():
             dom.destroy()
-            wait_for(lambda: exited(pids[name]), 10,
+            wait_for(lambda name=name: exited(pids[name]), 10,
                      'QEMU of %s to exit' % name)
         row = listing(env)[sha1(image_id)]
         assert process_users(row['users']) == [], row['users']
@@ -424,7 +426,7 @@ def test_running_domains_protect_their_base_until_undefined(
             assert not any(b.startswith(env.state + '/')
                            for b in loops().values())
     finally:
-        for name, dom in domains.items():
+        for dom in domains.values():
             try:
                 if dom.isActive():
                     dom.destroy()

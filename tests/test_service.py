@@ -1,7 +1,6 @@
 """The service as systemd runs it: a subprocess with a real notify socket,
 driven over its real Unix socket."""
 
-import http.client
 import json
 import os
 import signal

@@ -392,7 +392,8 @@ def test_volume_backed_image_links_its_own_volume(lenv, image_files,
         # the cinder://<store>/<volume-id> form links the same volume
         set_locations(lenv, 'vb', ['cinder://default/' + volume_id])
         path = agent.fetch_image('vb', project_id='p1')
-        assert backing_of(os.path.realpath(path)) == volume_file(lenv, volume_id)
+        assert backing_of(os.path.realpath(path)) == \
+            volume_file(lenv, volume_id)
         assert agent.index.get(sha1('vb')).origin == 'location'
         assert agent.cache_list() == []
         agent.remove_image('vb')
@@ -983,7 +984,8 @@ def test_concurrent_misses_in_processes_make_one_template(lenv, image_files,
         assert compare(volume_file(lenv, clone), image_files['disk.raw'],
                        'raw', 'raw')
     base = outs[2][0].strip().splitlines()[-1]
-    assert backing_of(os.path.realpath(base)) == volume_file(lenv, template['id'])
+    assert backing_of(os.path.realpath(base)) == \
+        volume_file(lenv, template['id'])
     assert lenv.cli_json('status')['image_volume_cache']['events'] == {
         'hit': 2, 'miss': 1, 'evict': 0}
     cli_ok(lenv, 'remove', 'prc')

@@ -82,7 +82,7 @@ class ImageVolumeCache:
     def close(self):
         self.db.close()
 
-    # -- storage ----------------------------------------------------------------
+    # -- storage --------------------------------------------------------------
     @contextlib.contextmanager
     def lock(self, image_id):
         """Per-image lock shared by every process on this host."""
@@ -123,7 +123,7 @@ class ImageVolumeCache:
             volume_id=entry.volume_id, host=self.host, **extra),
             sort_keys=True))
 
-    # -- rules --------------------------------------------------------------------
+    # -- rules ----------------------------------------------------------------
     def allowed(self, image, project_id=None):
         """``(True, None)`` when ``image`` may go through the cache."""
         if not self.conf.image_volume_cache.enabled:

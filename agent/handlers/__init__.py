@@ -1,1 +1,1 @@
-"""Template image handlers: the interface, the implementations, the registry."""
+"""Template image handlers: interface, implementations and registry."""

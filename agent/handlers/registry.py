@@ -8,7 +8,8 @@ from agent import errors
 
 ENTRY_POINT_GROUP = 'template_agent.handlers'
 BUILTIN = {
-    'downloading': 'agent.handlers.downloading:DownloadingTemplateImageHandler',
+    'downloading':
+        'agent.handlers.downloading:DownloadingTemplateImageHandler',
     'volume_linking':
         'agent.handlers.volume_linking:VolumeLinkingTemplateImageHandler',
 }

@@ -1,4 +1,4 @@
-"""Glance v2 image source: ``GET /v2/images/{id}`` and ``/v2/images/{id}/file``.
+"""Glance v2 image source: ``GET /v2/images/{id}`` and its ``/file``.
 
 Servers in ``[glance] api_servers`` are tried in order; connection errors and
 5xx answers move to the next one and are retried with backoff up to
