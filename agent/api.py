@@ -19,26 +19,9 @@ without a request for ``idle_timeout`` seconds is closed, and so is one
 whose request line and headers take longer than ``header_timeout`` from
 their first byte; a body late by ``body_timeout`` gets a 408.
 
-=======  ==============================  ====================================
-method   path                            what
-=======  ==============================  ====================================
-GET      /v1/health                      liveness, whether stopping
-GET      /metrics                        Prometheus text
-GET      /v1/status                      handlers, backend, cache counts
-GET      /v1/images                      base images with users
-GET      /v1/images/<id>                 one base image
-POST     /v1/images/<id>/fetch           job: prepare {handler, project_id}
-DELETE   /v1/images/<id>                 remove a base (409 while in use)
-POST     /v1/prune                       {dry_run, min_age}
-POST     /v1/precache                    job: {image_ids: [...]}
-POST     /v1/init                        re-prepare after a restart
-GET      /v1/cache                       image-volume cache entries
-DELETE   /v1/cache/<image_id>            evict (409 while held)
-GET      /v1/volumes                     volumes
-POST     /v1/volumes                     job: {image_id, size_gb, project_id}
-DELETE   /v1/volumes/<id>                delete a volume
-GET      /v1/jobs/<id>[?wait=seconds]    a job's state
-=======  ==============================  ====================================
+Routes, parameters and results come from the declarations in
+``agent.operations`` (the reference is docs/api.md, generated from them);
+this module adds the service's own routes: health, metrics and jobs.
 """
 
 import collections
@@ -49,7 +32,6 @@ import json
 import logging
 import os
 import pwd
-import re
 import socket
 import socketserver
 import struct
@@ -59,13 +41,11 @@ import time
 import urllib.parse
 import uuid
 
-from agent import errors, naming
+from agent import errors, operations
 from agent.metrics import REGISTRY
 
 LOG = logging.getLogger(__name__)
 MAX_BODY = 64 * 1024
-MAX_PRECACHE = 1000
-MAX_VOLUME_GB = 64 * 1024
 # socketserver listens with 5: a burst of clients would fail to connect
 # (EAGAIN when the client has a timeout) instead of waiting to be accepted
 LISTEN_BACKLOG = 1024
@@ -82,10 +62,17 @@ STATUS_OF = {
 }
 
 
-class BadRequest(errors.AgentError):
-    message = 'Bad request: %(reason)s'
-    exit_code = 2
-    http_status = 400
+BadRequest = operations.BadRequest
+
+
+class NotFound(errors.AgentError):
+    message = 'no such path: %(method)s %(path)s (see docs/api.md)'
+    http_status = 404
+
+
+class MethodNotAllowed(errors.AgentError):
+    message = '%(method)s is not allowed on %(path)s; use %(allow)s'
+    http_status = 405
 
 
 class RequestTimeout(errors.AgentError):
@@ -190,33 +177,6 @@ class Jobs:
 
 
 # -- validation -----------------------------------------------------------
-def _body_fields(body, allowed, required=()):
-    if not isinstance(body, dict):
-        raise BadRequest(reason='the body must be a JSON object')
-    unknown = set(body) - set(allowed)
-    if unknown:
-        raise BadRequest(reason='unknown field(s): %s' %
-                         ', '.join(sorted(map(str, unknown))))
-    for name in required:
-        if name not in body:
-            raise BadRequest(reason='missing field %r' % name)
-    for name, kind in allowed.items():
-        if name in body and body[name] is not None and not (
-                isinstance(body[name], kind) and
-                not (kind is int and isinstance(body[name], bool))):
-            raise BadRequest(reason='field %r must be %s' % (
-                name, getattr(kind, '__name__', kind)))
-    return body
-
-
-def _project(body):
-    project = body.get('project_id')
-    if project is not None and not re.match(r'^[A-Za-z0-9_.-]{1,255}$',
-                                            project):
-        raise BadRequest(reason='invalid project_id')
-    return project
-
-
 # -- the server -----------------------------------------------------------
 def _peer(sock):
     """``(pid, uid, gid)`` of the process that connected ``sock``."""
@@ -439,105 +399,41 @@ class ApiServer:
     # -- routes -------------------------------------------------------------
     def route(self, method, path, query, body):
         """Return ``(status, payload)``; payload is a dict or text."""
-        agent = self.service.agent
         parts = [urllib.parse.unquote(p) for p in path.strip('/').split('/')]
-        if method == 'GET' and parts == ['metrics']:
+        if parts == ['metrics']:
+            if method != 'GET':
+                raise MethodNotAllowed(method=method, path=path, allow='GET')
             return 200, self.service.metrics_text()
-        if not parts or parts[0] != 'v1':
-            raise errors.AgentError('no such path: %s' % path)
-        parts = parts[1:]
+        if parts[:1] != ['v1']:
+            raise NotFound(method=method, path=path)
         stopping = self.jobs.cancelling.is_set()
-        if method == 'GET' and parts == ['health']:
+        if method == 'GET' and parts == ['v1', 'health']:
             return 200, {'status': 'stopping' if stopping else 'ok',
                          'running_jobs': len(self.jobs.running())}
+        if method == 'GET' and len(parts) == 3 and parts[1] == 'jobs':
+            return self._job(parts[2], query)
         if stopping and method != 'GET':
             raise errors.AgentError('the service is stopping; retry later')
-        if method == 'GET' and parts == ['status']:
-            return 200, agent.status()
-        if parts[:1] == ['images']:
-            return self._images(agent, method, parts[1:], body)
-        if method == 'POST' and parts == ['prune']:
-            _body_fields(body, {'dry_run': bool, 'min_age': int})
-            if body.get('min_age') is not None and body['min_age'] < 0:
-                raise BadRequest(reason='min_age must be >= 0')
-            return 200, agent.prune(dry_run=bool(body.get('dry_run')),
-                                    min_age=body.get('min_age'))
-        if method == 'POST' and parts == ['precache']:
-            return self._precache(agent, body)
-        if method == 'POST' and parts == ['init']:
-            _body_fields(body, {})
-            return 200, agent.init()
-        if parts[:1] == ['cache']:
-            if method == 'GET' and len(parts) == 1:
-                return 200, {'entries': agent.cache_list()}
-            if method == 'DELETE' and len(parts) == 2:
-                return 200, {'evicted': agent.cache_evict(
-                    naming.validate_image_id(parts[1]))}
-        if parts[:1] == ['volumes']:
-            return self._volumes(agent, method, parts[1:], body)
-        if method == 'GET' and len(parts) == 2 and parts[0] == 'jobs':
-            return self._job(parts[1], query)
-        raise errors.AgentError('no such path: %s %s' % (method, path))
+        allowed = []
+        for op in operations.OPERATIONS:
+            values = op.match(parts)
+            if values is None:
+                continue
+            if op.method == method:
+                return self._call(op, op.bind(values, body))
+            allowed.append(op.method)
+        if allowed:
+            raise MethodNotAllowed(method=method, path=path,
+                                   allow=', '.join(allowed))
+        raise NotFound(method=method, path=path)
 
-    def _images(self, agent, method, rest, body):
-        if method == 'GET' and not rest:
-            rows, warnings = agent.list_images()
-            return 200, {'images': rows, 'warnings': warnings}
-        if not rest:
-            raise BadRequest(reason='no image id')
-        image_id = naming.validate_image_id(rest[0])
-        if method == 'GET' and len(rest) == 1:
-            return 200, agent.show_image(image_id)
-        if method == 'DELETE' and len(rest) == 1:
-            return 200, agent.remove_image(image_id)
-        if method == 'POST' and rest[1:] == ['fetch']:
-            _body_fields(body, {'handler': str, 'project_id': str})
-            handler, project = body.get('handler'), _project(body)
-            if handler is not None:
-                from agent.handlers import registry
-                registry.validate(handler)
-            job = self.jobs.start('fetch', image_id, lambda progress: {
-                'path': agent.fetch_image(image_id, handler=handler,
-                                          project_id=project,
-                                          progress=progress)})
-            return 202, job.to_dict()
-        raise errors.AgentError('no such path')
-
-    def _precache(self, agent, body):
-        _body_fields(body, {'image_ids': list}, required=('image_ids',))
-        ids = body['image_ids']
-        if not ids or len(ids) > MAX_PRECACHE:
-            raise BadRequest(reason='image_ids must hold 1 to %d ids'
-                             % MAX_PRECACHE)
-        for image_id in ids:
-            if not isinstance(image_id, str):
-                raise BadRequest(reason='image ids must be strings')
-            naming.validate_image_id(image_id)
-        return 202, self.jobs.start(
-            'precache', '%d images' % len(ids),
-            lambda progress: {'images': agent.precache(ids, progress)}
-        ).to_dict()
-
-    def _volumes(self, agent, method, rest, body):
-        if method == 'GET' and not rest:
-            return 200, {'volumes': agent.list_volumes()}
-        if method == 'DELETE' and len(rest) == 1:
-            return 200, agent.delete_volume(rest[0])
-        if method == 'POST' and not rest:
-            _body_fields(body, {'image_id': str, 'size_gb': int,
-                                'project_id': str},
-                         required=('image_id', 'size_gb'))
-            image_id = naming.validate_image_id(body['image_id'])
-            size_gb, project = body['size_gb'], _project(body)
-            if not 0 < size_gb <= MAX_VOLUME_GB:
-                raise BadRequest(reason='size_gb must be 1 to %d'
-                                 % MAX_VOLUME_GB)
-            job = self.jobs.start('volume-create', image_id, lambda progress: {
-                'volume_id': agent.create_volume(image_id, size_gb,
-                                                 project_id=project,
-                                                 progress=progress)})
-            return 202, job.to_dict()
-        raise errors.AgentError('no such path')
+    def _call(self, op, kwargs):
+        call = getattr(self.service.agent, op.name)
+        if not op.job:
+            return 200, op.encode(call(**kwargs))
+        job = self.jobs.start(op.job, op.describe(kwargs), lambda progress:
+                              op.encode(call(progress=progress, **kwargs)))
+        return 202, job.to_dict()
 
     def _job(self, job_id, query):
         job = self.jobs.get(job_id)
@@ -636,10 +532,7 @@ class ApiServer:
                         method, url.path, urllib.parse.parse_qs(url.query),
                         body)
                 except errors.AgentError as exc:
-                    status = http_status(exc)
-                    if status == 500 and str(exc).startswith('no such path'):
-                        status = 404
-                    return status, error_body(exc)
+                    return http_status(exc), error_body(exc)
                 except Exception as exc:  # never take the service down
                     LOG.exception('API request %s %s failed', method,
                                   self.path)

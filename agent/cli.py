@@ -7,12 +7,15 @@ Heavy modules are imported inside the commands so ``--help`` stays fast.
 
 import contextlib
 import datetime
+import functools
 import json
 import logging
 import re
 import sys
 
 import click
+
+from agent import operations
 
 _DURATION = re.compile(r'^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$')
 _UNITS = {'': 1, 's': 1, 'm': 60, 'h': 3600, 'd': 86400, 'w': 604800}
@@ -22,7 +25,7 @@ def parse_duration(text):
     """'90', '30s', '10m', '2h', '1d' or '1w', in seconds."""
     m = _DURATION.match(text or '')
     if not m:
-        raise click.BadParameter('%r is not a duration such as 0, 30s, 10m, '
+        raise ValueError('%r is not a duration such as 0, 30s, 10m, '
                                  '2h or 1d' % text)
     return int(float(m.group(1)) * _UNITS[m.group(2)])
 
@@ -215,20 +218,72 @@ def images_list(ctx, fmt):
             ('OWNER', lambda r: r['owner'] or '-')])
 
 
-# -- base images -------------------------------------------------------------
-@main.command()
-@click.argument('image_id')
-@click.option('--handler', help='Use only this handler.')
-@click.option('--project-id', help='Requesting project (sharing rules).')
-@pass_ctx
-def fetch(ctx, image_id, handler, project_id):
-    """Prepare the base image of IMAGE_ID; prints its path last."""
-    with handle_errors(ctx):
-        with _progress_bar('fetching %s' % image_id) as progress:
-            path = ctx.agent.fetch_image(image_id, handler=handler,
-                                         project_id=project_id,
-                                         progress=progress)
-        click.echo(path)
+# -- operations --------------------------------------------------------------
+# Every operation of agent.operations is a command here: its arguments come
+# from the declaration (path parameters and required lists are arguments,
+# the others options); the functions below only say how a result reads.
+OUTPUTS = {}
+
+
+def output(name, *extra_options):
+    """How the command of operation ``name`` shows its result:
+    ``fn(ctx, call, fmt, **arguments)`` calls ``call(**arguments)`` (the
+    service's or the core's method) and prints. ``extra_options`` are
+    click options of the CLI alone."""
+    def decorate(fn):
+        OUTPUTS[name] = (fn, extra_options)
+        return fn
+    return decorate
+
+
+def _click_param(p, op):
+    kind = {int: int, str: str}.get(p.type)
+    if p.unit == 'seconds':
+        kind = DURATION
+    if p in op.path_params or (p.required and p.type is list):
+        return click.argument(p.name, nargs=-1 if p.type is list else 1,
+                              required=True)
+    if p.type is bool:
+        return click.option(p.flag, p.name, is_flag=True, help=p.help)
+    return click.option(p.flag, p.name, type=kind, required=p.required,
+                        help=p.help)
+
+
+def _as_json(ctx, call, fmt, **arguments):
+    print_json(call(**arguments))
+
+
+def _operation_command(op):
+    fn, extra = OUTPUTS.get(op.name, (_as_json, ()))
+
+    def command(fmt, **arguments):
+        ctx = click.get_current_context().find_object(Context)
+        with handle_errors(ctx):
+            call = getattr(ctx.agent, op.name)
+            if not op.job:
+                return fn(ctx, call, fmt, **arguments)
+            label = '%s %s' % (op.job, op.describe(arguments))
+            with _progress_bar(label) as progress:
+                return fn(ctx, functools.partial(call, progress=progress),
+                          fmt, **arguments)
+    command.__doc__ = fn.__doc__ or op.summary
+    for decorator in reversed([_click_param(p, op) for p in op.params] +
+                              list(extra) + [FORMAT]):
+        command = decorator(command)
+    return command
+
+
+class _Duration(click.ParamType):
+    name = 'duration'
+
+    def convert(self, value, param, ctx):
+        try:
+            return parse_duration(value)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+DURATION = _Duration()
 
 
 @contextlib.contextmanager
@@ -254,32 +309,28 @@ def _progress_bar(label):
             state['bar'].__exit__(None, None, None)
 
 
-@main.command()
-@click.argument('image_ids', nargs=-1, required=True)
-@FORMAT
-@pass_ctx
-def precache(ctx, image_ids, fmt):
+@output('fetch_image')
+def fetch(ctx, call, fmt, **arguments):
+    """Prepare the base image of IMAGE_ID; prints its path last."""
+    path = call(**arguments)
+    if fmt == 'json':
+        print_json({'path': path})
+    else:
+        click.echo(path)
+
+
+@output('precache')
+def precache(ctx, call, fmt, image_ids):
     """Prepare several images, precache_concurrency at a time (nova's
     cache_images): each is cached, existing, unsupported or error."""
-    with handle_errors(ctx):
-        results = ctx.agent.precache(list(image_ids))
-        if fmt == 'json':
-            print_json(results)
-        else:
-            for image_id, result in results.items():
-                click.echo('%s: %s' % (image_id, result))
-        if any(r == 'error' for r in results.values()):
-            sys.exit(1)
-
-
-@main.command()
-@pass_ctx
-def serve(ctx):
-    """Run the service (systemd Type=notify): init, the local API on
-    [api] socket_path, cache manager passes, metrics."""
-    from agent import daemon
-    with handle_errors(ctx):
-        sys.exit(daemon.Service(ctx.config_files, ctx.verbose).run())
+    results = call(list(image_ids))
+    if fmt == 'json':
+        print_json(results)
+    else:
+        for image_id, result in results.items():
+            click.echo('%s: %s' % (image_id, result))
+    if any(r == 'error' for r in results.values()):
+        sys.exit(1)
 
 
 LIST_COLUMNS = [
@@ -295,72 +346,56 @@ LIST_COLUMNS = [
 ]
 
 
-@main.command('list')
-@FORMAT
-@pass_ctx
-def list_(ctx, fmt):
+@output('list_images')
+def list_(ctx, call, fmt):
     """List base images with size, handler, users and last use."""
-    with handle_errors(ctx):
-        rows, warnings = ctx.agent.list_images()
-        for warning in warnings:
-            click.echo('warning: %s' % warning, err=True)
-        if fmt == 'json':
-            print_json(rows)
-        else:
-            print_table(rows, LIST_COLUMNS)
+    rows, warnings = call()
+    for warning in warnings:
+        click.echo('warning: %s' % warning, err=True)
+    if fmt == 'json':
+        print_json(rows)
+    else:
+        print_table(rows, LIST_COLUMNS)
 
 
-@main.command()
-@click.argument('image_id')
-@FORMAT
-@pass_ctx
-def show(ctx, image_id, fmt):
-    """Show one base image."""
-    with handle_errors(ctx):
-        info = ctx.agent.show_image(image_id)
-        if fmt == 'json':
-            print_json(info)
+@output('show_image')
+def show(ctx, call, fmt, image_id):
+    info = call(image_id)
+    if fmt == 'json':
+        print_json(info)
+        return
+    for warning in info.pop('usage_warnings'):
+        click.echo('warning: %s' % warning, err=True)
+    for key in sorted(info):
+        click.echo('%-18s %s' % (key + ':', info[key]))
+
+
+@output('remove_image')
+def remove(ctx, call, fmt, image_id):
+    info = call(image_id)
+    if fmt == 'json':
+        print_json(info)
+    else:
+        click.echo('removed %s (%s on disk)' % (
+            info['path'], human_bytes(info['disk_bytes'])))
+
+
+@output('prune', click.option('--yes', is_flag=True,
+                              help='Do not ask on a terminal.'))
+def prune(ctx, call, fmt, dry_run, min_age, yes):
+    """Remove unused base images older than the minimum age (e.g. 0, 30m,
+    2h, 1d with --min-age)."""
+    if not dry_run and not yes and sys.stdin.isatty():
+        plan = call(dry_run=True, min_age=min_age)
+        if not plan['removed']:
+            _print_prune(plan, fmt)
             return
-        for warning in info.pop('usage_warnings'):
-            click.echo('warning: %s' % warning, err=True)
-        for key in sorted(info):
-            click.echo('%-18s %s' % (key + ':', info[key]))
-
-
-@main.command()
-@click.argument('image_id')
-@pass_ctx
-def remove(ctx, image_id):
-    """Remove the base of IMAGE_ID; refused while it is in use."""
-    with handle_errors(ctx):
-        info = ctx.agent.remove_image(image_id)
-        click.echo('removed %s (%s on disk)' % (info['path'],
-                                                human_bytes(
-                                                    info['disk_bytes'])))
-
-
-@main.command()
-@click.option('--dry-run', is_flag=True, help='Only say what would go.')
-@click.option('--min-age', help='Remove unused bases older than this '
-              '(e.g. 0, 30m, 2h, 1d) instead of the configured minimum ages.')
-@click.option('--yes', is_flag=True, help='Do not ask on a terminal.')
-@FORMAT
-@pass_ctx
-def prune(ctx, dry_run, min_age, yes, fmt):
-    """Remove unused base images older than the minimum age."""
-    seconds = parse_duration(min_age) if min_age is not None else None
-    with handle_errors(ctx):
-        if not dry_run and not yes and sys.stdin.isatty():
-            plan = ctx.agent.prune(dry_run=True, min_age=seconds)
-            if not plan['removed']:
-                _print_prune(plan, fmt)
-                return
-            for item in plan['removed']:
-                click.echo('would remove %s' % item['path'])
-            click.confirm('Remove %d base image(s), %s?' % (
-                len(plan['removed']), human_bytes(plan['reclaimed_bytes'])),
-                abort=True)
-        _print_prune(ctx.agent.prune(dry_run=dry_run, min_age=seconds), fmt)
+        for item in plan['removed']:
+            click.echo('would remove %s' % item['path'])
+        click.confirm('Remove %d base image(s), %s?' % (
+            len(plan['removed']), human_bytes(plan['reclaimed_bytes'])),
+            abort=True)
+    _print_prune(call(dry_run=dry_run, min_age=min_age), fmt)
 
 
 def _print_prune(report, fmt):
@@ -388,71 +423,120 @@ def _print_prune(report, fmt):
         sys.exit(1)
 
 
+@output('init')
+def init(ctx, call, fmt):
+    report = call()
+    if fmt == 'json':
+        print_json(report)
+        return
+    click.echo('cleaned %d temporary file(s), adopted %d, dropped %d'
+               % (len(report['cleaned']), len(report['adopted']),
+                  len(report['dropped'])))
+    for name, result in report['handlers'].items():
+        click.echo('handler %s: %s' % (name, json.dumps(result)))
+
+
+@output('create_volume')
+def volume_create(ctx, call, fmt, **arguments):
+    """Create a volume from an image: a copy-on-write clone of its cached
+    template. Prints the new volume id."""
+    volume_id = call(**arguments)
+    if fmt == 'json':
+        print_json({'volume_id': volume_id})
+    else:
+        click.echo(volume_id)
+
+
+@output('list_volumes')
+def volume_list(ctx, call, fmt):
+    rows = call()
+    if fmt == 'json':
+        print_json(rows)
+        return
+    print_table(rows, [
+        ('VOLUME', lambda r: r['id']),
+        ('KIND', lambda r: r['metadata'].get('kind', '-')),
+        ('IMAGE', lambda r: r['metadata'].get('image_id') or '-'),
+        ('SIZE', lambda r: human_bytes(r['size_bytes'])),
+        ('SOURCE', lambda r: r['metadata'].get('source_volume') or '-')])
+
+
+@output('delete_volume')
+def volume_delete(ctx, call, fmt, volume_id):
+    info = call(volume_id)
+    if fmt == 'json':
+        print_json(info)
+    else:
+        click.echo('deleted %s' % volume_id)
+
+
+@output('cache_list')
+def cache_list(ctx, call, fmt):
+    rows = call()
+    if fmt == 'json':
+        print_json(rows)
+        return
+    print_table(rows, [
+        ('IMAGE', lambda r: r['image_id']),
+        ('VOLUME', lambda r: r['volume_id']),
+        ('SIZE', lambda r: human_bytes(r['size_bytes'])),
+        ('STATE', lambda r: r['state']),
+        ('IMAGE UPDATED', lambda r: r['image_updated_at'] or '-'),
+        ('LAST USED', lambda r: human_time(r['last_used'])),
+        ('HOLDERS', lambda r: ','.join(r['holders']) or '-')])
+
+
+@output('cache_evict')
+def cache_evict(ctx, call, fmt, image_id):
+    evicted = call(image_id)
+    if fmt == 'json':
+        print_json(evicted)
+        return
+    for volume_id in evicted:
+        click.echo('evicted %s (volume %s)' % (image_id, volume_id))
+
+
+@output('status')
+def status(ctx, call, fmt):
+    info = call()
+    if fmt == 'json':
+        print_json(info)
+        return
+    click.echo('handlers:        %s' % ','.join(info['handlers']))
+    click.echo('image source:    %s' % info['image_source'])
+    click.echo('base images:     %d in %s' % (info['base_images'],
+                                              info['base_dir']))
+    backend = info['volume_backend']
+    if not backend.get('available', True) or 'backend' not in backend:
+        click.echo('volume backend:  unavailable: %s'
+                   % backend.get('reason'))
+        return
+    click.echo('volume backend:  %s at %s, clone by %s (reflink: %s)'
+               % (backend['backend'], backend.get('path'),
+                  backend['clone'], 'yes' if backend['reflink'] else 'no'))
+    click.echo('volumes:         %d' % info['volumes'])
+    c = info['image_volume_cache']
+    click.echo('image cache:     %s, %d entries (%s), %d held, %d stale; '
+               'hits %d, misses %d, evictions %d' % (
+                   'enabled' if c['enabled'] else 'disabled',
+                   c['entries'], human_bytes(c['bytes']), c['held'],
+                   c['stale'], c['events']['hit'], c['events']['miss'],
+                   c['events']['evict']))
+
+
 @main.command()
-@FORMAT
 @pass_ctx
-def init(ctx, fmt):
-    """Re-prepare base images after a restart (clean up, re-link)."""
+def serve(ctx):
+    """Run the service (systemd Type=notify): init, the local API on
+    [api] socket_path, cache manager passes, metrics."""
+    from agent import daemon
     with handle_errors(ctx):
-        report = ctx.agent.init()
-        if fmt == 'json':
-            print_json(report)
-            return
-        click.echo('cleaned %d temporary file(s), adopted %d, dropped %d'
-                   % (len(report['cleaned']), len(report['adopted']),
-                      len(report['dropped'])))
-        for name, result in report['handlers'].items():
-            click.echo('handler %s: %s' % (name, json.dumps(result)))
+        sys.exit(daemon.Service(ctx.config_files, ctx.verbose).run())
 
 
-# -- block storage side -------------------------------------------------------
 @main.group()
 def volume():
     """Volumes of the volume backend (block storage side)."""
-
-
-@volume.command('create')
-@click.option('--image', 'image_id', required=True, help='Image to hold.')
-@click.option('--size', 'size_gb', type=click.IntRange(min=1), required=True,
-              help='Size in GiB.')
-@click.option('--project-id', help='Requesting project (sharing rules).')
-@pass_ctx
-def volume_create(ctx, image_id, size_gb, project_id):
-    """Create a volume from an image: a copy-on-write clone of its cached
-    template. Prints the new volume id."""
-    with handle_errors(ctx):
-        with _progress_bar('caching %s' % image_id) as progress:
-            click.echo(ctx.agent.create_volume(image_id, size_gb,
-                                               project_id=project_id,
-                                               progress=progress))
-
-
-@volume.command('list')
-@FORMAT
-@pass_ctx
-def volume_list(ctx, fmt):
-    """List the backend's volumes (templates included)."""
-    with handle_errors(ctx):
-        rows = ctx.agent.list_volumes()
-        if fmt == 'json':
-            print_json(rows)
-            return
-        print_table(rows, [
-            ('VOLUME', lambda r: r['id']),
-            ('KIND', lambda r: r['metadata'].get('kind', '-')),
-            ('IMAGE', lambda r: r['metadata'].get('image_id') or '-'),
-            ('SIZE', lambda r: human_bytes(r['size_bytes'])),
-            ('SOURCE', lambda r: r['metadata'].get('source_volume') or '-')])
-
-
-@volume.command('delete')
-@click.argument('volume_id')
-@pass_ctx
-def volume_delete(ctx, volume_id):
-    """Delete a volume (not a cache template: use cache evict)."""
-    with handle_errors(ctx):
-        ctx.agent.delete_volume(volume_id)
-        click.echo('deleted %s' % volume_id)
 
 
 @main.group()
@@ -460,67 +544,15 @@ def cache():
     """The image-volume cache (template volumes shared with block storage)."""
 
 
-@cache.command('list')
-@FORMAT
-@pass_ctx
-def cache_list(ctx, fmt):
-    """List cache entries with holders and freshness."""
-    with handle_errors(ctx):
-        rows = ctx.agent.cache_list()
-        if fmt == 'json':
-            print_json(rows)
-            return
-        print_table(rows, [
-            ('IMAGE', lambda r: r['image_id']),
-            ('VOLUME', lambda r: r['volume_id']),
-            ('SIZE', lambda r: human_bytes(r['size_bytes'])),
-            ('STATE', lambda r: r['state']),
-            ('IMAGE UPDATED', lambda r: r['image_updated_at'] or '-'),
-            ('LAST USED', lambda r: human_time(r['last_used'])),
-            ('HOLDERS', lambda r: ','.join(r['holders']) or '-')])
+def _add_operations():
+    groups = {'volume': volume, 'cache': cache}
+    for op in operations.OPERATIONS:
+        *group, name = op.cli.split()
+        parent = groups[group[0]] if group else main
+        parent.command(name)(_operation_command(op))
 
 
-@cache.command('evict')
-@click.argument('image_id')
-@pass_ctx
-def cache_evict(ctx, image_id):
-    """Evict the cache entry of IMAGE_ID; refused while it is held."""
-    with handle_errors(ctx):
-        for volume_id in ctx.agent.cache_evict(image_id):
-            click.echo('evicted %s (volume %s)' % (image_id, volume_id))
-
-
-@main.command()
-@FORMAT
-@pass_ctx
-def status(ctx, fmt):
-    """Handlers, volume backend capabilities, cache counts."""
-    with handle_errors(ctx):
-        info = ctx.agent.status()
-        if fmt == 'json':
-            print_json(info)
-            return
-        click.echo('handlers:        %s' % ','.join(info['handlers']))
-        click.echo('image source:    %s' % info['image_source'])
-        click.echo('base images:     %d in %s' % (info['base_images'],
-                                                  info['base_dir']))
-        backend = info['volume_backend']
-        if not backend.get('available', True) or 'backend' not in backend:
-            click.echo('volume backend:  unavailable: %s'
-                       % backend.get('reason'))
-            return
-        click.echo('volume backend:  %s at %s, clone by %s (reflink: %s)'
-                   % (backend['backend'], backend.get('path'),
-                      backend['clone'], 'yes' if backend['reflink']
-                      else 'no'))
-        click.echo('volumes:         %d' % info['volumes'])
-        c = info['image_volume_cache']
-        click.echo('image cache:     %s, %d entries (%s), %d held, %d stale; '
-                   'hits %d, misses %d, evictions %d' % (
-                       'enabled' if c['enabled'] else 'disabled',
-                       c['entries'], human_bytes(c['bytes']), c['held'],
-                       c['stale'], c['events']['hit'], c['events']['miss'],
-                       c['events']['evict']))
+_add_operations()
 
 
 if __name__ == '__main__':

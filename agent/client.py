@@ -1,16 +1,16 @@
 """The CLI's way to the service: the local API over its Unix socket.
 
-``ServiceClient`` offers the calls of ``agent.core.TemplateAgent`` that the
-CLI uses, with the same results, so the CLI formats both alike.
+``ServiceClient`` has a method for every operation of ``agent.operations``,
+with the arguments and results of the core's method of that name, so the
+CLI calls and formats both alike.
 """
 
+import functools
 import http.client
 import json
 import socket
-import time
-import urllib.parse
 
-from agent import errors
+from agent import errors, operations
 
 WAIT_STEP = 1.0
 
@@ -52,6 +52,19 @@ class ServiceClient:
     def __init__(self, socket_path):
         self.socket_path = socket_path
 
+    def __getattr__(self, name):
+        op = operations.BY_NAME.get(name)
+        if op is None:
+            raise AttributeError(name)
+        return functools.partial(self.call, op)
+
+    def call(self, op, *args, progress=None, **kwargs):
+        """Run ``op`` on the service; its result, as the core returns it."""
+        payload = self.request(*op.request(args, kwargs))
+        if op.job:
+            payload = self._follow(payload, progress)
+        return op.decode(payload)
+
     def request(self, method, path, body=None):
         conn = _UnixConnection(self.socket_path)
         try:
@@ -72,7 +85,7 @@ class ServiceClient:
             raise ServiceError(payload.get('error', {}))
         return payload
 
-    def _job(self, job, progress=None):
+    def _follow(self, job, progress=None):
         """Follow a job until it ends; return its result or raise."""
         while job['state'] == 'running':
             if progress and job['progress']['done']:
@@ -84,75 +97,3 @@ class ServiceClient:
         if progress and job['progress']['done']:
             progress(job['progress']['done'], job['progress']['total'])
         return job['result']
-
-    @staticmethod
-    def _id(image_id):
-        return urllib.parse.quote(image_id, safe='')
-
-    # -- the calls of TemplateAgent the CLI uses ---------------------------
-    def fetch_image(self, image_id, handler=None, project_id=None,
-                    progress=None):
-        body = {k: v for k, v in (('handler', handler),
-                                  ('project_id', project_id)) if v}
-        job = self.request('POST', '/v1/images/%s/fetch' % self._id(image_id),
-                           body)
-        return self._job(job, progress)['path']
-
-    def list_images(self):
-        payload = self.request('GET', '/v1/images')
-        return payload['images'], payload['warnings']
-
-    def show_image(self, image_id):
-        return self.request('GET', '/v1/images/%s' % self._id(image_id))
-
-    def remove_image(self, image_id):
-        return self.request('DELETE', '/v1/images/%s' % self._id(image_id))
-
-    def prune(self, dry_run=False, min_age=None):
-        return self.request('POST', '/v1/prune', {'dry_run': dry_run,
-                                                  'min_age': min_age})
-
-    def init(self):
-        return self.request('POST', '/v1/init', {})
-
-    def precache(self, image_ids, progress=None):
-        job = self.request('POST', '/v1/precache', {'image_ids': image_ids})
-        return self._job(job, progress)['images']
-
-    def create_volume(self, image_id, size_gb, project_id=None,
-                      progress=None):
-        job = self.request('POST', '/v1/volumes', {
-            'image_id': image_id, 'size_gb': size_gb,
-            'project_id': project_id})
-        return self._job(job, progress)['volume_id']
-
-    def list_volumes(self):
-        return self.request('GET', '/v1/volumes')['volumes']
-
-    def delete_volume(self, volume_id):
-        return self.request('DELETE', '/v1/volumes/%s' % self._id(volume_id))
-
-    def cache_list(self):
-        return self.request('GET', '/v1/cache')['entries']
-
-    def cache_evict(self, image_id):
-        return self.request('DELETE',
-                            '/v1/cache/%s' % self._id(image_id))['evicted']
-
-    def status(self):
-        return dict(self.request('GET', '/v1/status'), service=True)
-
-    def metrics(self):
-        return self.request('GET', '/metrics')
-
-    def close(self):
-        pass
-
-
-def wait_for_service(path, timeout=30):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if service_answers(path):
-            return True
-        time.sleep(0.05)
-    return False

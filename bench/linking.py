@@ -11,7 +11,7 @@
   --sparse=always`` + ``sync``) at 1 GiB.
 
 Both sides run in this process's agent (no CLI start-up); medians of --runs.
-Prints ratios and the issue's targets. Cleans up every loop device, mount
+Prints ratios and the targets. Cleans up every loop device, mount
 and file it made, also on failure.
 """
 

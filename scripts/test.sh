@@ -1,9 +1,15 @@
 #!/usr/bin/env bash
-# Set up (scripts/setup.sh) and run the whole test suite on real components.
+# Set up (scripts/setup.sh), lint, then run both test tiers: the fast one
+# (pure logic, -m unit) and the real one (-m real: real qemu-img, loop
+# devices, libvirtd + QEMU, Glance, as root). Extra arguments go to both
+# pytest runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-# the real peers the tests start: libvirtd + QEMU, Glance in its own venv
+.venv/bin/ruff check .
+.venv/bin/pytest -q -m unit tests "$@"
+# the real peers the real tier starts: libvirtd + QEMU, Glance in its own
+# venv
 bash scripts/install-libvirtd.sh
 bash scripts/install-glance.sh
-exec .venv/bin/pytest -q -rs tests "$@"
+exec .venv/bin/pytest -q -rs -m real tests "$@"

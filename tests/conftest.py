@@ -14,6 +14,15 @@ from tests.glance_standin import GlanceStandIn
 
 MiB = 1024 * 1024
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+UNIT_DIR = os.path.join(REPO, 'tests', 'unit')
+
+
+def pytest_collection_modifyitems(items):
+    """Two tiers: ``-m unit`` (tests/unit: pure logic, no root, seconds)
+    and ``-m real`` (the rest: real components, as root)."""
+    for item in items:
+        unit = str(item.path).startswith(UNIT_DIR + os.sep)
+        item.add_marker(pytest.mark.unit if unit else pytest.mark.real)
 
 
 def qemu_img(*args):

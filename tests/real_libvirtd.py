@@ -1,4 +1,4 @@
-"""A real libvirtd + QEMU for the tests (issue 5, part 2).
+"""A real libvirtd + QEMU for the tests.
 
 ``real_libvirtd`` (session scope) makes ``qemu:///system`` answer and yields
 that URI:

@@ -203,7 +203,7 @@ def test_root_is_served_while_peers_hold_2000_connections(service, env):
     # the slots are given back when the peers' connections end
     assert _eventually(lambda: test_service._probe_as(
         service, NOBODY, NOGROUP) == ['downloading'])
-    metrics = service.api().metrics()
+    metrics = service.api().request('GET', '/metrics')
     for cap, count in (('max_connections_per_uid', 1000 - per_uid),
                        ('max_connections', 1000 - total + per_uid)):
         assert 'template_agent_api_connections_refused_total{cap="%s"} %d' \

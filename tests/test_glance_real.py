@@ -1,4 +1,4 @@
-"""Issue 5, part 1: the agent against a real Glance (v2 API under gunicorn,
+"""The agent against a real Glance (v2 API under gunicorn,
 sqlite, file store, no auth), started by ``tests/real_glance.py``.
 
 Images are created through Glance's own API (raw, qcow2, vmdk; owners and

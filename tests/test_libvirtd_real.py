@@ -1,4 +1,4 @@
-"""In-use detection against a real libvirtd + QEMU (issue 5, part 2).
+"""In-use detection against a real libvirtd + QEMU.
 
 A base is prepared by each handler (``downloading``: a raw file;
 ``volume_linking``: a symlink to the read-only loop device of a template

@@ -176,7 +176,7 @@ def test_api_end_to_end(service, env, image_files):
     assert os.path.exists(path)
     api.remove_image('img')
     assert not os.path.exists(path)
-    metrics = api.metrics()
+    metrics = api.request('GET', '/metrics')
     assert 'template_agent_fetches_total{handler="downloading",' \
         'result="prepared"} 2' in metrics
     assert 'template_agent_base_images{state="unused"}' in metrics
@@ -306,7 +306,8 @@ def test_sigkill_and_reboot_then_init_restores_links(service, env,
         out = subprocess.run(['qemu-img', 'compare', '-f', 'raw', p,
                               image_files['disk.raw']], capture_output=True)
         assert out.returncode == 0, out.stdout
-    assert 'template_agent_links_restored_total 2' in service.api().metrics()
+    metrics = service.api().request('GET', '/metrics')
+    assert 'template_agent_links_restored_total 2' in metrics
     for image_id in ('a', 'b'):
         service.api().remove_image(image_id)
 

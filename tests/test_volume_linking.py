@@ -1,4 +1,4 @@
-"""Volume linking (issue 3) on real things: loop devices, XFS with reflink and
+"""Volume linking on real things: loop devices, XFS with reflink and
 ext4 on loop devices, qcow2 overlays built on linked bases and read back
 through the chain with ``qemu-img compare``, libvirt's test driver, the CLI
 in subprocesses and the core calls in threads.

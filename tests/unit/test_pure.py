@@ -1,0 +1,95 @@
+"""Pure logic: names, durations, sizes, sparse writes, metrics text."""
+
+import hashlib
+import os
+
+import pytest
+
+from agent import cli, metrics, naming
+from agent.images import download
+
+
+def test_base_names_are_nova_s():
+    assert naming.base_filename('cirros') == hashlib.sha1(
+        b'cirros').hexdigest()
+    sha1 = naming.base_filename('x')
+    assert naming.parse_base_filename(sha1) == (sha1, None)
+    assert naming.parse_base_filename(sha1 + '_10737418240') == (
+        sha1, 10737418240)
+    for name in (sha1 + '.part', sha1[:-1], sha1.upper(), 'locks'):
+        assert naming.parse_base_filename(name) is None
+    assert naming.temp_owner(sha1 + '.converted') == sha1
+    assert naming.temp_owner('x.part') is None
+
+
+@pytest.mark.parametrize('image_id', [
+    'cirros', '0b6e1c0e-7f4c-4ad5-9f4e-6d5c1f0a6b11', 'a.b_c-d', 'x' * 255])
+def test_valid_image_ids(image_id):
+    assert naming.validate_image_id(image_id) == image_id
+
+
+@pytest.mark.parametrize('image_id', [
+    '', '.', '..', 'a/../b', '../x', '/etc/passwd', 'a\\b', 'x\0', '-x',
+    'x' * 256, 'a b', 'é'])
+def test_invalid_image_ids(image_id):
+    from agent import errors
+    with pytest.raises(errors.InvalidImageId):
+        naming.validate_image_id(image_id)
+
+
+@pytest.mark.parametrize('text,seconds', [
+    ('0', 0), ('90', 90), ('30s', 30), ('10m', 600), ('2h', 7200),
+    ('1d', 86400), ('1w', 604800), (' 1.5h ', 5400)])
+def test_durations(text, seconds):
+    assert cli.parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize('text', ['', 'soon', '-1', '1y', '1 2'])
+def test_bad_durations(text):
+    with pytest.raises(ValueError, match='not a duration'):
+        cli.parse_duration(text)
+
+
+def test_human_bytes():
+    assert [cli.human_bytes(n) for n in (None, 0, 1023, 1024, 1536,
+                                         5 * 1024 ** 3, 3 * 1024 ** 5)] == [
+        '-', '0 B', '1023 B', '1.0 KiB', '1.5 KiB', '5.0 GiB', '3072.0 TiB']
+
+
+def test_sparse_writes_leave_zero_blocks_as_holes(tmp_path):
+    block = download.SPARSE_BLOCK
+    data = (b'\0' * block * 4 + b'x' * block + b'\0' * block * 4 +
+            b'y' * 10)
+    path = tmp_path / 'out'
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.ftruncate(fd, len(data) + block)
+        download._pwrite_sparse(fd, data, block)
+        download._pwrite_sparse(fd, b'\0' * block * 8, 0)  # all holes
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == b'\0' * block + data
+    st = os.stat(path)
+    # two written runs of at most one block each (+ filesystem slack)
+    assert st.st_blocks * 512 <= 4 * block
+
+
+def test_metrics_text_is_prometheus_exposition():
+    registry = metrics.Registry()
+    registry.inc('template_agent_fetches_total', handler='downloading',
+                 result='prepared')
+    registry.inc('template_agent_fetches_total', 2, handler='downloading',
+                 result='prepared')
+    registry.inc('template_agent_fetches_total', handler='a"b\\c\nd',
+                 result='error')
+    text = registry.render([('template_agent_base_images', {}, 3)])
+    lines = text.splitlines()
+    assert '# TYPE template_agent_fetches_total counter' in lines
+    assert ('template_agent_fetches_total{handler="downloading",'
+            'result="prepared"} 3') in lines
+    assert ('template_agent_fetches_total{handler="a\\"b\\\\c\\nd",'
+            'result="error"} 1') in lines
+    assert 'template_agent_base_images 3' in lines
+    assert text.endswith('\n')
+    with pytest.raises(AssertionError):
+        registry.inc('not_declared_total')
