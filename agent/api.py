@@ -428,7 +428,7 @@ class ApiServer:
         raise NotFound(method=method, path=path)
 
     def _call(self, op, kwargs):
-        call = getattr(self.service.agent, op.name)
+        call = op.implementation(self.service.agent)
         if not op.job:
             return 200, op.encode(call(**kwargs))
         job = self.jobs.start(op.job, op.describe(kwargs), lambda progress:

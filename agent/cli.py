@@ -10,6 +10,7 @@ import datetime
 import functools
 import json
 import logging
+import os
 import re
 import sys
 
@@ -93,11 +94,12 @@ class Context:
     @property
     def agent(self):
         if self._agent is None:
-            from agent import client
             path = self.conf.api.socket_path
-            if not self.direct and client.service_answers(path):
-                self._agent = client.ServiceClient(path)
-            else:
+            if not self.direct and os.path.exists(path):
+                from agent import client
+                if client.service_answers(path):
+                    self._agent = client.ServiceClient(path)
+            if self._agent is None:
                 self._agent = self.local
         return self._agent
 
@@ -259,7 +261,7 @@ def _operation_command(op):
     def command(fmt, **arguments):
         ctx = click.get_current_context().find_object(Context)
         with handle_errors(ctx):
-            call = getattr(ctx.agent, op.name)
+            call = op.implementation(ctx.agent)
             if not op.job:
                 return fn(ctx, call, fmt, **arguments)
             label = '%s %s' % (op.job, op.describe(arguments))

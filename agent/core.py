@@ -12,9 +12,6 @@ import logging
 import os
 import stat
 import time
-import uuid
-
-import psutil
 
 from agent import config, errors, files, identity, locks, naming
 from agent.metrics import REGISTRY
@@ -47,6 +44,16 @@ def _writer_pid(name):
     return None
 
 
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
 def lstat_or_none(name, dir_fd):
     try:
         return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
@@ -67,6 +74,7 @@ class TemplateAgent:
         self.base_dir = config.base_dir(conf)
         self._source = None
         self._index = None
+        self._context = None
         self._handlers = {}
         # fail at start on an unknown handler name, listing the valid ones
         self.chain_names = list(conf.template_image_handler)
@@ -91,10 +99,20 @@ class TemplateAgent:
             self._index = BaseImageIndex(self.conf.state_path)
         return self._index
 
-    @functools.cached_property
+    @property
     def context(self):
-        return HandlerContext(conf=self.conf, source=self.source,
-                              index=self.index, base_dir=self.base_dir)
+        if self._context is None:
+            self._context = HandlerContext(
+                conf=self.conf, source=self.source, index=self.index,
+                base_dir=self.base_dir)
+        return self._context
+
+    @functools.cached_property
+    def volumes(self):
+        """The block storage side: volume operations, the image-volume
+        cache (``agent.volumes.side``)."""
+        from agent.volumes.side import VolumeSide
+        return VolumeSide(self.conf, self.context, self.index)
 
     def handler(self, name):
         if name not in self._handlers:
@@ -104,8 +122,8 @@ class TemplateAgent:
     def close(self):
         if self._index is not None:
             self._index.close()
-        if 'image_volume_cache' in self.context.__dict__:
-            self.context.image_volume_cache.close()
+        if self._context is not None:
+            self._context.close()
 
     def base_path(self, image_id):
         naming.validate_image_id(image_id)
@@ -224,7 +242,7 @@ class TemplateAgent:
 
     def _adopt(self, st, filename):
         """Record a base nova made (``st``: its lstat)."""
-        entry = BaseImage(filename=filename, handler='downloading',
+        entry = BaseImage(filename=filename, handler=registry.FILE_HANDLER,
                           source='nova', size_bytes=st.st_size,
                           created=st.st_mtime, last_used=st.st_mtime,
                           adopted=True)
@@ -362,110 +380,25 @@ class TemplateAgent:
                          len(report['removed']))
             REGISTRY.inc('template_agent_manager_reclaimed_bytes_total',
                          report['reclaimed_bytes'])
-        if not dry_run and self._uses_volumes():
-            cache = self.context.image_volume_cache
-            report['cache_retired'] = cache.refresh(self.source)
-            report['cache_evicted'] = [
-                e.image_id for e in cache.enforce_limits()]
+        if not dry_run:
             report['reclaimed'] = self.reclaim_leftovers()
+            if self.volumes.enabled:
+                report.update(self.volumes.maintain())
         return report
 
     def reclaim_leftovers(self, exports=False):
-        """Delete what killed processes left half made on the volume side:
-        temporary files of dead writers, volumes their creator never
-        finished, orphan templates; with ``exports`` (``init``: nothing
-        can be attaching meanwhile), also loop devices no base links."""
+        """Delete what killed processes left half made: temporary files of
+        dead writers in the agent's state and, when volumes are used, on
+        the volume side (see ``VolumeSide.reclaim``)."""
         report = {'temporary_files': []}
         for name in sorted(os.listdir(self.conf.state_path)):
             pid = _writer_pid(name)
-            if pid and not psutil.pid_exists(pid):
+            if pid and not _alive(pid):
                 files.unlink_quietly(os.path.join(self.conf.state_path, name))
                 report['temporary_files'].append(name)
-        if not self._uses_volumes():
-            return report
-        try:
-            backend = self.context.volume_backend
-            report['templates'] = self.context.image_volume_cache.reclaim()
-            in_use = {e.volume_id for e in self.index.all()
-                      if e.volume_id} if exports else None
-            report.update(backend.reclaim(in_use))
-        except errors.BackendUnavailable as exc:
-            report['error'] = str(exc)
+        if self.volumes.enabled:
+            report.update(self.volumes.reclaim(exports))
         return report
-
-    # -- volumes and the image-volume cache ---------------------------------
-    def _uses_volumes(self):
-        return 'volume_linking' in self.chain_names or os.path.isdir(
-            os.path.join(self.conf.state_path, 'image-volume-cache'))
-
-    def create_volume(self, image_id, size_gb, project_id=None,
-                      progress=None):
-        """A volume of ``size_gb`` GiB holding the image: a copy-on-write
-        clone of its template in the image-volume cache (made on a miss), or,
-        when the cache may not serve it, a volume written directly."""
-        naming.validate_image_id(image_id)
-        if not isinstance(size_gb, int) or size_gb <= 0:
-            raise errors.AgentError('volume size must be a positive number '
-                                    'of GiB, not %r' % (size_gb,))
-        image = self.source.get(image_id)
-        if image.status != 'active':
-            raise errors.ImageNotActive(image_id=image_id,
-                                        status=image.status)
-        backend = self.context.volume_backend
-        cache = self.context.image_volume_cache
-        size = size_gb * 1024 ** 3
-        metadata = {'kind': 'volume', 'image_id': image_id,
-                    'project_id': project_id}
-        if image.virtual_size:
-            self._check_volume_size(image_id, size, image.virtual_size)
-        if cache.allowed(image, project_id)[0]:
-            holder = cache.clone_holder()
-            entry = cache.acquire(image, self.source, holder,
-                                  project_id=project_id, progress=progress)
-            try:
-                self._check_volume_size(image_id, size, entry.size_bytes)
-                return backend.clone(entry.volume_id, size, metadata)
-            finally:
-                cache.release(entry, holder)
-        return self._write_new_volume(image, size, metadata, progress)
-
-    @staticmethod
-    def _check_volume_size(image_id, size, needed):
-        if size < needed:
-            raise errors.AgentError(
-                'a %d GiB volume is too small for image %s, whose virtual '
-                'size is %d bytes' % (size // 1024 ** 3, image_id, needed))
-
-    def _write_new_volume(self, image, size, metadata, progress):
-        from agent.images import download
-        backend = self.context.volume_backend
-        tmp = os.path.join(self.conf.state_path, 'tmp-%d-%s.part' % (
-            os.getpid(), uuid.uuid4()))
-        volume_id = None
-        try:
-            def write_volume(fmt, virtual_size):
-                nonlocal volume_id
-                self._check_volume_size(image.id, size, virtual_size)
-                volume_id = backend.create(size, metadata)
-                backend.write_image(volume_id, tmp, fmt)
-
-            tmp_fd = os.open(tmp, files.NEW_FLAGS, 0o600)
-            try:
-                download.download_verified(
-                    self.source, image, tmp_fd, then=write_volume,
-                    retries=self.conf.glance.num_retries,
-                    max_virtual_size=self.conf.max_image_virtual_size_gb
-                    * 1024 ** 3, progress=progress)
-            finally:
-                os.close(tmp_fd)
-            return volume_id
-        except BaseException:
-            if volume_id:
-                backend.delete(volume_id)
-            raise
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
 
     def import_image(self, file_path, image_id, volume_backed=False,
                      **fields):
@@ -478,74 +411,17 @@ class TemplateAgent:
                 reason='the local catalog is not in use ([image_source] '
                 'driver = %s); upload images to Glance instead'
                 % self.conf.image_source.driver)
-        writer = None
-        if volume_backed:
-            backend = self.context.volume_backend
-
-            def writer(path, size):
-                volume_id = backend.create(size, {'kind': 'image',
-                                                  'image_id': image_id})
-                try:
-                    backend.write_image(volume_id, path, 'raw')
-                except BaseException:
-                    backend.delete(volume_id)
-                    raise
-                return volume_id
+        writer = self.volumes.volume_writer(image_id) if volume_backed \
+            else None
         return self.source.import_image(file_path, image_id,
                                         volume_writer=writer, **fields)
 
-    def list_volumes(self):
-        return [v.to_dict() for v in self.context.volume_backend.list()]
-
-    def delete_volume(self, volume_id):
-        backend = self.context.volume_backend
-        volume = backend.get(volume_id)
-        linked = [e.filename for e in self.index.all()
-                  if e.volume_id == volume_id]
-        if linked:
-            raise errors.AgentError(
-                'volume %s is linked as base image %s; remove that base '
-                'first' % (volume_id, ', '.join(linked)))
-        if volume.metadata.get('kind') == 'template':
-            raise errors.AgentError(
-                'volume %s is the image-volume cache template of image %s; '
-                'use cache evict instead' % (volume_id,
-                                             volume.metadata.get('image_id')))
-        backend.delete(volume_id)
-        return volume.to_dict()
-
-    def cache_list(self):
-        return [dict(e.to_dict(), holders=sorted(e.holders))
-                for e in self.context.image_volume_cache.entries()]
-
-    def cache_evict(self, image_id):
-        naming.validate_image_id(image_id)
-        return self.context.image_volume_cache.evict(image_id)
-
     def status(self):
-        status = {'handlers': self.chain_names,
-                  'image_source': self.conf.image_source.driver,
-                  'base_dir': self.base_dir,
-                  'base_images': len(manager.base_names(self.base_dir))}
-        try:
-            backend = self.context.volume_backend
-            status['volume_backend'] = backend.capabilities()
-            status['volumes'] = len(backend.list())
-            cache = self.context.image_volume_cache
-            entries = cache.entries()
-            status['image_volume_cache'] = {
-                'enabled': self.conf.image_volume_cache.enabled,
-                'entries': len(entries),
-                'bytes': sum(e.size_bytes for e in entries),
-                'held': sum(1 for e in entries if e.holders),
-                'stale': sum(1 for e in entries if e.state == 'stale'),
-                'max_size_gb': self.conf.image_volume_cache.max_size_gb,
-                'max_count': self.conf.image_volume_cache.max_count,
-                'events': cache.counters()}
-        except errors.BackendUnavailable as exc:
-            status['volume_backend'] = {'available': False,
-                                        'reason': str(exc)}
-        return status
+        return dict({'handlers': self.chain_names,
+                     'image_source': self.conf.image_source.driver,
+                     'base_dir': self.base_dir,
+                     'base_images': len(manager.base_names(self.base_dir))},
+                    **self.volumes.status())
 
     # -- restart ------------------------------------------------------------
     def init(self):
@@ -588,13 +464,6 @@ class TemplateAgent:
             for state in ('in_use', 'unused')]
         gauges.append(('template_agent_base_image_bytes', {},
                        sum(r['disk_bytes'] for r in rows)))
-        if self._uses_volumes():
-            try:
-                counters = self.context.image_volume_cache.counters()
-            except errors.BackendUnavailable:
-                counters = {}
-            gauges.extend(
-                ('template_agent_image_volume_cache_events_total',
-                 {'event': event}, value)
-                for event, value in counters.items())
+        if self.volumes.enabled:
+            gauges.extend(self.volumes.gauges())
         return gauges

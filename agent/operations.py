@@ -125,11 +125,15 @@ class Operation:
         is the result itself
     :param job: the job kind, for operations that run as jobs
     :param cli: the CLI command (``'volume create'`` for a subcommand)
+    :param part: the attribute of ``TemplateAgent`` whose method it is
+        (``'volumes'``: ``agent.volumes.side.VolumeSide``); None for the
+        core's own
     """
 
     def __init__(self, name, method, route, summary, params=(),
-                 returns=None, job=None, cli=None):
+                 returns=None, job=None, cli=None, part=None):
         self.name = name
+        self.part = part
         self.method = method
         self.route = route
         self.summary = summary
@@ -142,6 +146,13 @@ class Operation:
                             if '{%s}' % p.name in self._parts]
         self.body_params = [p for p in self.params
                             if p not in self.path_params]
+
+    def implementation(self, agent):
+        """The method of ``agent`` (a ``TemplateAgent``, or a
+        ``ServiceClient``, which has every operation) that runs this
+        operation."""
+        holder = getattr(agent, self.part, agent) if self.part else agent
+        return getattr(holder, self.name)
 
     # -- the API side ------------------------------------------------------
     def match(self, parts):
@@ -254,13 +265,14 @@ OPERATIONS = [
               cli='init'),
     Operation('cache_list', 'GET', '/v1/cache',
               'Image-volume cache entries with holders and freshness.',
-              returns='entries', cli='cache list'),
+              returns='entries', cli='cache list', part='volumes'),
     Operation('cache_evict', 'DELETE', '/v1/cache/{image_id}',
               'Evict the cache entry of an image; refused (409) while it '
-              'is held.', [IMAGE_ID], returns='evicted', cli='cache evict'),
+              'is held.', [IMAGE_ID], returns='evicted', cli='cache evict',
+              part='volumes'),
     Operation('list_volumes', 'GET', '/v1/volumes',
               "The volume backend's volumes, templates included.",
-              returns='volumes', cli='volume list'),
+              returns='volumes', cli='volume list', part='volumes'),
     Operation('create_volume', 'POST', '/v1/volumes',
               'A volume holding an image: a copy-on-write clone of its '
               'cached template. The result is the volume id.',
@@ -269,12 +281,13 @@ OPERATIONS = [
                Param('size_gb', int, 'size in GiB', required=True,
                      check=_size_gb, flag='--size'),
                PROJECT_ID],
-              returns='volume_id', job='volume-create', cli='volume create'),
+              returns='volume_id', job='volume-create', cli='volume create',
+              part='volumes'),
     Operation('delete_volume', 'DELETE', '/v1/volumes/{volume_id}',
               'Delete a volume (not a cache template: evict it).',
               [Param('volume_id', str, 'the volume id', required=True,
                      check=_volume_id)],
-              cli='volume delete'),
+              cli='volume delete', part='volumes'),
 ]
 BY_NAME = {op.name: op for op in OPERATIONS}
 

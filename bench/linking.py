@@ -145,14 +145,14 @@ def main():
                       '%.4f' % (size, link_s, dl_s, link_s / dl_s))
             clone_size = 1024 if 1024 in sizes else sizes[0]
             image_id = 'bench-%d' % clone_size
-            linker.create_volume(image_id, 1)  # warm the cache
+            linker.volumes.create_volume(image_id, 1)  # warm the cache
             template = linker.context.image_volume_cache.fresh_entry(image_id)
             template_file = os.path.join(xfs, 'volumes',
                                          'volume-' + template.volume_id)
             clones = []
 
             def clone():
-                clones.append(linker.create_volume(image_id, 1))
+                clones.append(linker.volumes.create_volume(image_id, 1))
 
             def copy():
                 dst = os.path.join(xfs, 'copy-%d' % len(clones))
@@ -163,15 +163,15 @@ def main():
             clone_s = median_time(clone, args.runs, before=drop_caches)
             copy_s = median_time(copy, args.runs, before=drop_caches)
             for volume_id in clones:
-                linker.delete_volume(volume_id)
-            for volume in linker.list_volumes():
+                linker.volumes.delete_volume(volume_id)
+            for volume in linker.volumes.list_volumes():
                 if volume['metadata'].get('kind') == 'volume':
-                    linker.delete_volume(volume['id'])
+                    linker.volumes.delete_volume(volume['id'])
             print('volume create at %d MiB: reflink clone %.4f s, full copy '
                   '%.3f s, clone/copy %.4f' % (clone_size, clone_s, copy_s,
                                                clone_s / copy_s))
             for size in sizes:
-                linker.cache_evict('bench-%d' % size)
+                linker.volumes.cache_evict('bench-%d' % size)
             flat = results[max(sizes)][0] / results[min(sizes)][0]
             mid = results.get(1024, results[max(sizes)])
             print()

@@ -105,10 +105,10 @@ def cleanup(env, image_id, volumes=()):
         for volume in volumes:
             if volume:
                 try:
-                    agent.delete_volume(volume)
+                    agent.volumes.delete_volume(volume)
                 except errors.AgentError:
                     pass
-        for call in (agent.remove_image, agent.cache_evict):
+        for call in (agent.remove_image, agent.volumes.cache_evict):
             try:
                 call(image_id)
             except errors.AgentError:

@@ -148,7 +148,7 @@ def volume_file(env, volume_id):
 def templates(env, image_id=None):
     """Template volumes (``volume list``, in this process)."""
     with agent_of(env) as agent:
-        volumes = agent.list_volumes()
+        volumes = agent.volumes.list_volumes()
     return [v for v in volumes if v['metadata'].get('kind') == 'template'
             and image_id in (None, v['metadata'].get('image_id'))]
 
@@ -165,7 +165,7 @@ def agent_of(env):
 
 def entries_by_image(agent):
     result = {}
-    for entry in agent.cache_list():
+    for entry in agent.volumes.cache_list():
         result.setdefault(entry['image_id'], []).append(entry)
     return result
 
@@ -279,7 +279,8 @@ def test_fetch_links_raw_and_qcow2_and_a_second_fetch_hits(
         for image_id, src in sources.items():
             agent.import_image(src, image_id)
         paths = {i: agent.fetch_image(i) for i in sources}
-        volumes = {e['image_id']: e['volume_id'] for e in agent.cache_list()}
+        volumes = {e['image_id']: e['volume_id']
+                   for e in agent.volumes.cache_list()}
 
     targets = {}
     for image_id, src in sources.items():
@@ -381,9 +382,9 @@ def test_volume_backed_image_links_its_own_volume(lenv, image_files,
         assert backing_of(device) == volume_file(lenv, volume_id)
         assert overlay_equals(path, image_files['disk.raw'], tmp_path)
         # zero copy: no template, no cache entry, no cache event
-        assert agent.cache_list() == []
+        assert agent.volumes.cache_list() == []
         assert events(agent) == {'hit': 0, 'miss': 0, 'evict': 0}
-        assert [v['id'] for v in agent.list_volumes()] == [volume_id]
+        assert [v['id'] for v in agent.volumes.list_volumes()] == [volume_id]
 
         agent.remove_image('vb')
         assert loops_under(tmp_path) == []
@@ -395,7 +396,7 @@ def test_volume_backed_image_links_its_own_volume(lenv, image_files,
         assert backing_of(os.path.realpath(path)) == \
             volume_file(lenv, volume_id)
         assert agent.index.get(sha1('vb')).origin == 'location'
-        assert agent.cache_list() == []
+        assert agent.volumes.cache_list() == []
         agent.remove_image('vb')
     assert loops_under(tmp_path) == []
 
@@ -476,7 +477,8 @@ def test_missing_volume_falls_through(lenv, image_files, tmp_path):
         assert agent.index.get(sha1('mv')).handler == 'downloading'
         assert os.path.isfile(path) and not os.path.islink(path)
         assert compare(path, image_files['disk.raw'], 'raw', 'raw')
-        assert agent.cache_list() == [] and agent.list_volumes() == []
+        assert agent.volumes.cache_list() == []
+        assert agent.volumes.list_volumes() == []
 
         gone = agent.import_image(image_files['disk.raw'], 'gone',
                                   volume_backed=True)
@@ -593,7 +595,8 @@ def test_init_after_a_reboot_restores_every_link(lenv, image_files,
         for image_id, src in sources.items():
             agent.import_image(src, image_id)
             agent.fetch_image(image_id)
-        volumes = {e['image_id']: e['volume_id'] for e in agent.cache_list()}
+        volumes = {e['image_id']: e['volume_id']
+                   for e in agent.volumes.cache_list()}
         # and a volume-backed image, whose volume will be lost
         lost = agent.import_image(image_files['disk.raw'], 'rb-lost',
                                   volume_backed=True).volume_location
@@ -641,7 +644,7 @@ def test_init_after_a_reboot_restores_every_link(lenv, image_files,
         for image_id in list(sources) + ['rb-lost']:
             agent.remove_image(image_id)
         assert lenv.base_files() == []
-        assert len(agent.cache_list()) == 2
+        assert len(agent.volumes.cache_list()) == 2
 
 
 def test_init_releases_a_link_removed_behind_the_agents_back(
@@ -687,7 +690,7 @@ def test_fetch_repairs_a_dangling_link(lenv, image_files, tmp_path):
         assert device != gone and stat.S_ISBLK(os.stat(path).st_mode)
         assert backing_of(device) == volume_file(lenv, volume_id)
         assert overlay_equals(path, image_files['disk.raw'], tmp_path)
-        entry, = agent.cache_list()
+        entry, = agent.volumes.cache_list()
         assert entry['volume_id'] == volume_id
         assert len(entry['holders']) == 1
         assert events(agent) == {'hit': 1, 'miss': 1, 'evict': 0}
@@ -786,7 +789,7 @@ def test_max_count_alone(lenv, images, tmp_path, caplog):
         agent.remove_image('c1')
         agent.fetch_image('c3')
         assert sorted(entries_by_image(agent)) == ['c3']
-        assert c1_volume not in {v['id'] for v in agent.list_volumes()}
+        assert c1_volume not in {v['id'] for v in agent.volumes.list_volumes()}
         assert events(agent) == {'hit': 0, 'miss': 3, 'evict': 2}
 
     proc = lenv.cli('cache', 'evict', 'c3', check=False)
@@ -806,14 +809,14 @@ def test_max_size_gb_alone(lenv, images, tmp_path, caplog):
         for n in (1, 2, 3):
             agent.import_image(images['big%d.qcow2' % n], 'b%d' % n)
         # unheld b1 (made for a volume) is evicted for b2
-        clone = agent.create_volume('b1', 1)
-        assert [e['holders'] for e in agent.cache_list()] == [[]]
+        clone = agent.volumes.create_volume('b1', 1)
+        assert [e['holders'] for e in agent.volumes.cache_list()] == [[]]
         agent.fetch_image('b2')
         assert sorted(entries_by_image(agent)) == ['b2']
         b2_volume = agent.index.get(sha1('b2')).volume_id
         # held b2 is not evicted for b3: the cache goes over its size
         with caplog.at_level(logging.WARNING):
-            agent.create_volume('b3', 1)
+            agent.volumes.create_volume('b3', 1)
         assert 'every remaining entry is held' in caplog.text
         status = agent.status()['image_volume_cache']
         assert status['entries'] == 2 and status['held'] == 1
@@ -841,23 +844,23 @@ def test_both_limits_evict_least_recently_used_never_held(lenv, images,
         for n in (1, 2, 3):
             agent.import_image(images['small%d.raw' % n], 's%d' % n)
             agent.import_image(images['big%d.qcow2' % n], 'b%d' % n)
-        agent.create_volume('s1', 1)
-        agent.create_volume('s2', 1)
-        agent.create_volume('s1', 1)        # a hit: s2 is now the LRU
-        agent.create_volume('s3', 1)        # count: s2 goes
+        agent.volumes.create_volume('s1', 1)
+        agent.volumes.create_volume('s2', 1)
+        agent.volumes.create_volume('s1', 1)        # a hit: s2 is now the LRU
+        agent.volumes.create_volume('s3', 1)        # count: s2 goes
         assert sorted(entries_by_image(agent)) == ['s1', 's3']
         agent.fetch_image('b1')             # count: s1 (LRU) goes
         assert sorted(entries_by_image(agent)) == ['b1', 's3']
         b1_volume = agent.index.get(sha1('b1')).volume_id
         # size: s3 goes, and b1 would have to go too, but it is linked
         with caplog.at_level(logging.WARNING):
-            agent.create_volume('b2', 1)
+            agent.volumes.create_volume('b2', 1)
         assert 'every remaining entry is held' in caplog.text
         assert sorted(entries_by_image(agent)) == ['b1', 'b2']
         assert os.path.isfile(volume_file(lenv, b1_volume))
         assert events(agent) == {'hit': 1, 'miss': 5, 'evict': 3}
         agent.remove_image('b1')            # b1 used until now
-        agent.create_volume('b3', 1)        # size: b2 (LRU), then b1 go
+        agent.volumes.create_volume('b3', 1)  # size: b2 (LRU), then b1 go
         assert sorted(entries_by_image(agent)) == ['b3']
         assert events(agent) == {'hit': 1, 'miss': 6, 'evict': 5}
 
@@ -868,12 +871,12 @@ def test_stale_entry_is_retired_while_held_and_deleted_once_released(
     with agent_of(lenv) as agent:
         agent.import_image(image_files['disk.raw'], 'st')
         path = agent.fetch_image('st')
-        old, = agent.cache_list()
+        old, = agent.volumes.cache_list()
         time.sleep(1.1)     # updated_at has a resolution of one second
         agent.import_image(images['new.raw'], 'st')
 
         # a miss makes a new template; the held old one is retired
-        clone = agent.create_volume('st', 1)
+        clone = agent.volumes.create_volume('st', 1)
         assert compare(volume_file(lenv, clone), images['new.raw'], 'raw',
                        'raw')
     rows = {e['volume_id']: e for e in lenv.cli_json('cache', 'list')}
@@ -888,12 +891,12 @@ def test_stale_entry_is_retired_while_held_and_deleted_once_released(
 
     with agent_of(lenv) as agent:
         # no new link or clone from a stale template
-        clone2 = agent.create_volume('st', 1)
-        assert {v['id']: v for v in agent.list_volumes()}[clone2][
+        clone2 = agent.volumes.create_volume('st', 1)
+        assert {v['id']: v for v in agent.volumes.list_volumes()}[clone2][
             'metadata']['source_volume'] == new_volume
         # released: the retired entry and its volume are deleted
         agent.remove_image('st')
-        entry, = agent.cache_list()
+        entry, = agent.volumes.cache_list()
         assert entry['volume_id'] == new_volume
         assert not os.path.exists(volume_file(lenv, old['volume_id']))
         path = agent.fetch_image('st')
@@ -908,7 +911,7 @@ def test_manager_pass_retires_stale_entries(lenv, image_files, images,
     with agent_of(lenv) as agent:
         agent.import_image(image_files['disk.raw'], 'unheld')
         agent.import_image(image_files['disk.raw'], 'held')
-        agent.create_volume('unheld', 1)
+        agent.volumes.create_volume('unheld', 1)
         agent.fetch_image('held')
         time.sleep(1.1)
         for image_id in ('unheld', 'held'):
@@ -939,7 +942,8 @@ def test_concurrent_misses_in_threads_make_one_template(lenv, image_files,
                 if n % 2:
                     results.append(('base', agent.fetch_image('thr')))
                 else:
-                    results.append(('volume', agent.create_volume('thr', 1)))
+                    results.append(
+                        ('volume', agent.volumes.create_volume('thr', 1)))
             except BaseException as exc:   # reported below
                 failures.append(exc)
         threads = [threading.Thread(target=worker, args=(n,))

@@ -22,7 +22,6 @@ the next handler serve.
 """
 
 import abc
-import functools
 import os
 
 from agent import files
@@ -37,6 +36,8 @@ class HandlerContext:
         self.source = source        # agent.images.sources.ImageSource
         self.index = index          # agent.cache.index.BaseImageIndex
         self.base_dir = base_dir    # $instances_path/_base
+        self._volume_backend = None
+        self._image_volume_cache = None
 
     def base_dir_fd(self):
         """``_base``, opened and checked (``agent.files.open_dir``), as a
@@ -44,21 +45,33 @@ class HandlerContext:
         descriptor only."""
         return files.opened_dir(self.base_dir, os.geteuid(), create=True)
 
-    @functools.cached_property
+    @property
     def volume_backend(self):
         """The ``[volume_linking] backend``; BackendUnavailable if none."""
-        from agent import volumes
-        return volumes.from_config(self.conf)
+        if self._volume_backend is None:
+            from agent import volumes
+            self._volume_backend = volumes.from_config(self.conf)
+        return self._volume_backend
 
-    @functools.cached_property
+    @property
     def image_volume_cache(self):
-        from agent.cache.image_volume_cache import ImageVolumeCache
-        return ImageVolumeCache(self.conf, self.volume_backend)
+        if self._image_volume_cache is None:
+            from agent.cache.image_volume_cache import ImageVolumeCache
+            self._image_volume_cache = ImageVolumeCache(self.conf,
+                                                        self.volume_backend)
+        return self._image_volume_cache
+
+    def close(self):
+        if self._image_volume_cache is not None:
+            self._image_volume_cache.close()
 
 
 class BaseTemplateImageHandler(abc.ABC):
     #: short name, as written in ``template_image_handler``
     name = None
+    #: whether it works with volumes (then the agent maintains the volume
+    #: side: the image-volume cache, leftovers of killed processes)
+    uses_volumes = False
 
     def __init__(self, context):
         self.context = context

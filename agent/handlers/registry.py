@@ -14,6 +14,10 @@ BUILTIN = {
         'agent.handlers.volume_linking:VolumeLinkingTemplateImageHandler',
 }
 
+#: the handler that manages plain files in ``_base``: bases nova made are
+#: adopted as its own
+FILE_HANDLER = 'downloading'
+
 
 def _entry_points():
     try:
@@ -45,3 +49,8 @@ def load(name):
     if name in eps:
         return eps[name].load()
     raise errors.UnknownHandler(name=name, valid=', '.join(available()))
+
+
+def uses_volumes(name):
+    """Whether the handler ``name`` works with volumes."""
+    return getattr(load(name), 'uses_volumes', False)

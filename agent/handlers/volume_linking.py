@@ -27,6 +27,7 @@ from agent.linking import attach, links
 
 class VolumeLinkingTemplateImageHandler(BaseTemplateImageHandler):
     name = 'volume_linking'
+    uses_volumes = True
 
     @property
     def backend(self):
