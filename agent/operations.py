@@ -263,6 +263,11 @@ OPERATIONS = [
     Operation('init', 'POST', '/v1/init',
               'Re-prepare base images after a restart: clean up, re-link.',
               cli='init'),
+    Operation('reclaim_leftovers', 'POST', '/v1/reclaim',
+              'Delete what killed processes left half made: temporary '
+              'files of dead writers, volumes their creator never '
+              'finished, orphan templates (init and the manager pass do it '
+              'too).', cli='reclaim'),
     Operation('cache_list', 'GET', '/v1/cache',
               'Image-volume cache entries with holders and freshness.',
               returns='entries', cli='cache list', part='volumes'),

@@ -127,3 +127,18 @@ def test_sigkill_anywhere_then_init_leaks_nothing(crash_env, tmp_path):
         assert subprocess.run(['qemu-img', 'compare', '-f', 'raw', '-F',
                                'qcow2', path, env.image],
                               capture_output=True).returncode == 0, name
+
+
+def test_reclaim_cleans_a_dead_writer_s_leftovers_without_a_restart(env):
+    dead = subprocess.Popen(['true'])
+    dead.wait()
+    os.makedirs(env.state, exist_ok=True)
+    left = 'tmp-%d-0123.part' % dead.pid
+    live = 'tmp-%d-4567.part' % os.getpid()    # this test is alive
+    for name in (left, live):
+        with open(os.path.join(env.state, name), 'wb') as f:
+            f.write(b'half an image')
+    report = env.cli_json('reclaim')
+    assert report['temporary_files'] == [left]
+    assert sorted(n for n in os.listdir(env.state)
+                  if n.startswith('tmp-')) == [live]
