@@ -7,7 +7,10 @@ service down: a handler error becomes a JSON error answer.
 
 Long operations (fetch, precache, volume create) run as jobs: the POST
 answers 202 with the job, ``GET /v1/jobs/<id>?wait=<seconds>`` reports its
-progress and, once done, its result or error.
+progress and, once done, its result or error. ``DELETE /v1/jobs/<id>``
+cancels one: it stops at its next progress report, which a download makes
+at least every half second even while its source sends nothing, and rolls
+back (state ``cancelled``, nothing published).
 
 =======  ==============================  ====================================
 method   path                            what
@@ -28,6 +31,7 @@ GET      /v1/volumes                     volumes
 POST     /v1/volumes                     job: {image_id, size_gb, project_id}
 DELETE   /v1/volumes/<id>                delete a volume
 GET      /v1/jobs/<id>[?wait=seconds]    a job's state
+DELETE   /v1/jobs/<id>                   cancel a running job (202)
 =======  ==============================  ====================================
 """
 
@@ -98,6 +102,7 @@ class Job:
         self.created = time.time()
         self.finished = None
         self.done = threading.Event()
+        self.cancel_requested = threading.Event()
 
     def to_dict(self):
         return {'id': self.id, 'kind': self.kind, 'target': self.target,
@@ -127,6 +132,8 @@ class Jobs:
         def progress(done, total):
             if self.cancelling.is_set():
                 raise errors.Cancelled()
+            if job.cancel_requested.is_set():
+                raise errors.JobCancelled()
             job.progress = {'done': done, 'total': total}
 
         def run():
@@ -150,6 +157,14 @@ class Jobs:
 
     def get(self, job_id):
         return self._jobs.get(job_id)
+
+    def cancel(self, job_id):
+        """Ask a job to stop at its next progress report; the job, or None
+        for an unknown id."""
+        job = self._jobs.get(job_id)
+        if job is not None:
+            job.cancel_requested.set()
+        return job
 
     def running(self):
         return [j for j in list(self._jobs.values()) if not j.done.is_set()]
@@ -311,6 +326,8 @@ class ApiServer:
             return self._volumes(agent, method, parts[1:], body)
         if method == 'GET' and len(parts) == 2 and parts[0] == 'jobs':
             return self._job(parts[1], query)
+        if method == 'DELETE' and len(parts) == 2 and parts[0] == 'jobs':
+            return self._cancel_job(parts[1])
         raise errors.AgentError('no such path: %s %s' % (method, path))
 
     def _images(self, agent, method, rest, body):
@@ -385,6 +402,13 @@ class ApiServer:
         if wait > 0:
             job.done.wait(wait)
         return 200, job.to_dict()
+
+    def _cancel_job(self, job_id):
+        job = self.jobs.cancel(job_id)
+        if job is None:
+            return 404, {'error': {'type': 'JobNotFound', 'exit_code': 1,
+                                   'message': 'no job %s' % job_id}}
+        return (200 if job.done.is_set() else 202), job.to_dict()
 
     def _handler_class(api):
         class Handler(http.server.BaseHTTPRequestHandler):

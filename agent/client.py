@@ -98,6 +98,10 @@ class ServiceClient:
                            body)
         return self._job(job, progress)['path']
 
+    def cancel_job(self, job_id):
+        """Ask the service to cancel a job; returns the job's state."""
+        return self.request('DELETE', '/v1/jobs/%s' % self._id(job_id))
+
     def list_images(self):
         payload = self.request('GET', '/v1/images')
         return payload['images'], payload['warnings']

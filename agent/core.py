@@ -453,7 +453,7 @@ class TemplateAgent:
             try:
                 download.download_verified(
                     self.source, image, tmp_fd, then=write_volume,
-                    retries=self.conf.glance.num_retries,
+                    limits=download.DownloadLimits.from_conf(self.conf),
                     max_virtual_size=self.conf.max_image_virtual_size_gb
                     * 1024 ** 3, progress=progress)
             finally:

@@ -254,7 +254,7 @@ class ImageVolumeCache:
             try:
                 _, virtual_size, _, _ = download.download_verified(
                     source, image, part_fd, then=write_template,
-                    retries=self.conf.glance.num_retries,
+                    limits=download.DownloadLimits.from_conf(self.conf),
                     max_virtual_size=self.conf.max_image_virtual_size_gb *
                     GiB, progress=progress)
             finally:
