@@ -97,6 +97,9 @@ def test_weak_hash_allowed_is_still_verified(glance_env, glance,
                os_hash_value=None, checksum='0' * 32)
     proc, _ = fetch(glance_env, 'bad-md5', timeout=60)
     assert_refused(glance_env, proc, 'bad-md5', 'its md5 is', 'tampered')
+    # and the operator is told that only md5 stood between
+    assert 'image bad-md5: it has only an md5 checksum; verifying with it ' \
+        'only' in proc.stderr
 
 
 @pytest.mark.parametrize('allow_weak', [False, True])
