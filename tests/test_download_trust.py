@@ -12,6 +12,8 @@ import time
 
 import pytest
 
+from agent import config
+from agent.images import download
 from tests.conftest import REPO, files_written, make_raw, same_content
 from tests.test_service import Service
 
@@ -310,3 +312,12 @@ def test_cli_through_the_service_gives_the_same_clear_refusal(
                        'allow_weak_hashes')
     assert through.stderr == direct.stderr
     assert glance.downloads('md5only') == 0
+
+
+def test_the_limits_are_on_and_weak_hashes_off_by_default():
+    conf = config.load([])
+    limits = download.DownloadLimits.from_conf(conf)
+    assert limits == download.DownloadLimits()
+    assert limits.allow_weak_hashes is False
+    assert (limits.timeout, limits.min_rate, limits.rate_window) == \
+        (3600, 64 * 1024, 60)

@@ -127,11 +127,13 @@ class GlanceImageSource(ImageSource):
             raise TransientSourceError('Glance answered HTTP %d to a data '
                                        'request' % resp.status_code)
         sock = getattr(getattr(resp.raw, 'connection', None), 'sock', None)
+        # what has arrived (urllib3 >= 2.3), else whole chunks
+        read = getattr(resp.raw, 'read1', None) or resp.raw.read
 
         def chunks():
             try:
                 while True:
-                    piece = resp.raw.read1(CHUNK_SIZE, decode_content=False)
+                    piece = read(CHUNK_SIZE, decode_content=False)
                     if not piece:
                         return
                     yield piece
