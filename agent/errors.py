@@ -81,8 +81,9 @@ class DownloadTimedOut(DownloadFailed):
 class DownloadTooSlow(DownloadFailed):
     """The source stayed under the minimum rate, on every attempt."""
     message = ("Download of image %(image_id)s failed after %(attempts)d "
-               "attempt(s): the source sent %(got)d bytes in %(window)d s "
-               "(%(rate)d bytes/s), under [glance] download_min_rate = "
+               "attempt(s): on the last one the source sent %(got)d bytes "
+               "in %(window)d s (%(rate)d bytes/s), under [glance] "
+               "download_min_rate = "
                "%(min_rate)d bytes/s. Nothing was published. Check Glance and "
                "the network, or lower download_min_rate (0 = no minimum).")
     falls_through = False
@@ -96,8 +97,9 @@ class ImageUnacceptable(AgentError):
 
 class WeakImageHash(ImageUnacceptable):
     """Nothing strong enough to verify the bits against."""
-    message = ("Image %(image_id)s refused: %(what)s, which cannot prove that "
-               "the bits are the ones uploaded. Nothing was downloaded. Have "
+    message = ("Image %(image_id)s refused: %(what)s, nothing strong enough "
+               "to prove that its bits are the ones uploaded. Nothing was "
+               "downloaded. Have "
                "Glance compute a multihash (its hashing_algorithm, sha256 or "
                "stronger) and re-upload the image, or accept the risk with "
                "[glance] allow_weak_hashes = True.")

@@ -119,9 +119,10 @@ class GlanceImageSource(ImageSource):
             except ValueError as exc:
                 resp.close()
                 raise TransientSourceError(
-                    'Glance at %s answered a request for bytes from %d with '
-                    '%s; refused' % (urllib.parse.urlsplit(resp.url).netloc,
-                                     offset, exc))
+                    'Glance at %s answered a request for the bytes from %d '
+                    'with %s; refused (does a proxy between this host and '
+                    'Glance mishandle Range requests?)' % (
+                        urllib.parse.urlsplit(resp.url).netloc, offset, exc))
         elif resp.status_code != 200:
             resp.close()
             raise TransientSourceError('Glance answered HTTP %d to a data '
