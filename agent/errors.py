@@ -99,10 +99,10 @@ class WeakImageHash(ImageUnacceptable):
     """Nothing strong enough to verify the bits against."""
     message = ("Image %(image_id)s refused: %(what)s, nothing strong enough "
                "to prove that its bits are the ones uploaded. Nothing was "
-               "downloaded. Have "
-               "Glance compute a multihash (its hashing_algorithm, sha256 or "
-               "stronger) and re-upload the image, or accept the risk with "
-               "[glance] allow_weak_hashes = True.")
+               "downloaded. Have Glance compute a multihash (its "
+               "hashing_algorithm, sha256 or stronger) and re-upload the "
+               "image, or accept the risk with [glance] allow_weak_hashes = "
+               "True.")
 
 
 class UnknownHashAlgorithm(ImageUnacceptable):
