@@ -7,7 +7,10 @@ service down: a handler error becomes a JSON error answer.
 
 Long operations (fetch, precache, volume create) run as jobs: the POST
 answers 202 with the job, ``GET /v1/jobs/<id>?wait=<seconds>`` reports its
-progress and, once done, its result or error.
+progress and, once done, its result or error. ``DELETE /v1/jobs/<id>``
+cancels one: it stops at its next progress report, which a download makes
+at least every half second even while its source sends nothing, and rolls
+back (state ``cancelled``, nothing published).
 
 No peer can starve the others (see the ``[api]`` options): the accept
 loop reads SO_PEERCRED and caps the connections of each uid
@@ -106,6 +109,7 @@ class Job:
         self.created = time.time()
         self.finished = None
         self.done = threading.Event()
+        self.cancel_requested = threading.Event()
 
     def to_dict(self):
         return {'id': self.id, 'kind': self.kind, 'target': self.target,
@@ -135,6 +139,8 @@ class Jobs:
         def progress(done, total):
             if self.cancelling.is_set():
                 raise errors.Cancelled()
+            if job.cancel_requested.is_set():
+                raise errors.JobCancelled()
             job.progress = {'done': done, 'total': total}
 
         def run():
@@ -158,6 +164,14 @@ class Jobs:
 
     def get(self, job_id):
         return self._jobs.get(job_id)
+
+    def cancel(self, job_id):
+        """Ask a job to stop at its next progress report; the job, or None
+        for an unknown id."""
+        job = self._jobs.get(job_id)
+        if job is not None:
+            job.cancel_requested.set()
+        return job
 
     def running(self):
         return [j for j in list(self._jobs.values()) if not j.done.is_set()]
@@ -410,8 +424,13 @@ class ApiServer:
         if method == 'GET' and parts == ['v1', 'health']:
             return 200, {'status': 'stopping' if stopping else 'ok',
                          'running_jobs': len(self.jobs.running())}
-        if method == 'GET' and len(parts) == 3 and parts[1] == 'jobs':
-            return self._job(parts[2], query)
+        if len(parts) == 3 and parts[1] == 'jobs':
+            if method == 'GET':
+                return self._job(parts[2], query)
+            if method == 'DELETE':
+                return self._cancel_job(parts[2])
+            raise MethodNotAllowed(method=method, path=path,
+                                   allow='GET, DELETE')
         if stopping and method != 'GET':
             raise errors.AgentError('the service is stopping; retry later')
         allowed = []
@@ -447,6 +466,13 @@ class ApiServer:
         if wait > 0:
             job.done.wait(wait)
         return 200, job.to_dict()
+
+    def _cancel_job(self, job_id):
+        job = self.jobs.cancel(job_id)
+        if job is None:
+            return 404, {'error': {'type': 'JobNotFound', 'exit_code': 1,
+                                   'message': 'no job %s' % job_id}}
+        return (200 if job.done.is_set() else 202), job.to_dict()
 
     def _handler_class(api):
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -487,7 +513,13 @@ class ApiServer:
                     return False
                 if self.command in self.methods:
                     return True
-                self.close_connection = True  # its body is left unread
+                self.close_connection = True
+                try:
+                    # a small body is taken, so the peer reads the answer
+                    # instead of a broken pipe; a larger one stays unread
+                    self._read_body()
+                except (errors.AgentError, OSError):
+                    pass
                 self._send(405, {'error': {
                     'type': 'MethodNotAllowed', 'exit_code': 1,
                     'message': 'method %s is not supported; use %s' % (

@@ -9,6 +9,7 @@ import functools
 import http.client
 import json
 import socket
+import urllib.parse
 
 from agent import errors, operations
 
@@ -97,3 +98,8 @@ class ServiceClient:
         if progress and job['progress']['done']:
             progress(job['progress']['done'], job['progress']['total'])
         return job['result']
+
+    def cancel_job(self, job_id):
+        """Ask the service to cancel a job; returns the job's state."""
+        return self.request('DELETE', '/v1/jobs/%s'
+                            % urllib.parse.quote(job_id, safe=''))

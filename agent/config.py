@@ -192,6 +192,90 @@ Seconds without any byte from Glance after which a request or a download
 stream counts as stalled; a stalled download is resumed (with a Range
 request) up to ``num_retries`` times.
 """),
+    cfg.BoolOpt(
+        'allow_weak_hashes',
+        default=False,
+        help="""
+Accept images that Glance cannot vouch for with a strong hash.
+
+By default an image is downloaded only when its multihash
+(``os_hash_algo``/``os_hash_value``) uses sha256, sha384, sha512, sha3_256,
+sha3_384, sha3_512, blake2b or blake2s, and the bits are verified against it
+before anything is published. An image with only the legacy md5
+``checksum`` (or a multihash of md5, sha1, sha224 or sha3_224), or with no
+hash at all, is refused.
+
+When True, such images are accepted: an md5 (or other weak) hash is still
+verified, an image without any hash is published unverified; both are
+logged as warnings. The risk: md5 and sha1 collisions can be computed, so
+whoever prepared two colliding disks can swap one for the other in the
+image store or on the way to this host unnoticed; without a hash, nothing
+detects corruption or tampering there at all. Enable it only for a Glance that
+predates multihash (before Rocky) while its images are re-uploaded.
+
+An ``os_hash_algo`` the agent does not know is always refused.
+"""),
+    cfg.IntOpt(
+        'download_timeout',
+        default=3600,
+        min=0,
+        help="""
+Longest time, in seconds, one image download may take, all retries
+included. Past it the download is stopped, nothing is published, and nova's
+lock on the base image is released.
+
+The default, one hour, needs about 3 MiB/s for a 10 GiB image and 28 MiB/s
+for a 100 GiB one; raise it for larger images or slower links.
+
+Possible values:
+
+* 0: no limit (then only ``download_min_rate`` bounds the time)
+* a positive number of seconds
+
+Related options:
+
+* ``download_min_rate``
+"""),
+    cfg.IntOpt(
+        'download_min_rate',
+        default=64 * 1024,
+        min=0,
+        help="""
+Lowest acceptable download rate, in bytes per second, averaged over
+``download_min_rate_window`` seconds. A stream that delivers less in a
+window is abandoned and resumed with a Range request, as a stalled one, up
+to ``num_retries`` times; then the download fails and nothing is published.
+``read_timeout`` catches a stream that sends nothing; this catches one that
+drips a few bytes now and then, which would otherwise hold nova's lock on
+the base image for as long as the source likes.
+
+The default, 64 KiB/s, is far below any working datacenter link, so only a
+broken or hostile source trips it; at that rate a 1 GiB image would take
+4.5 hours, longer than the default ``download_timeout`` anyway, so such a
+stream is better given up after a minute than after an hour.
+
+Possible values:
+
+* 0: no minimum rate
+* a positive number of bytes per second
+
+Related options:
+
+* ``download_min_rate_window``, ``download_timeout``, ``read_timeout``
+"""),
+    cfg.IntOpt(
+        'download_min_rate_window',
+        default=60,
+        min=1,
+        help="""
+Seconds over which the download rate is averaged and compared with
+``download_min_rate``. Shorter windows react sooner but also to brief
+slumps; the default matches ``read_timeout``.
+
+Related options:
+
+* ``download_min_rate``
+"""),
 ]
 
 LIBVIRT_OPTS = [

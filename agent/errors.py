@@ -67,10 +67,49 @@ class DownloadFailed(AgentError):
                "attempt(s): %(reason)s. Nothing was published; retry later.")
 
 
+class DownloadTimedOut(DownloadFailed):
+    """The whole download took longer than allowed: not retried, not handed
+    to another handler (that would double the time nova's lock is held)."""
+    message = ("Download of image %(image_id)s stopped after %(elapsed)d s, "
+               "over [glance] download_timeout = %(limit)d s, with %(done)d "
+               "of %(size)s bytes received. Nothing was published. Check "
+               "Glance and the network, or raise download_timeout for images "
+               "this large (0 = no limit).")
+    falls_through = False
+
+
+class DownloadTooSlow(DownloadFailed):
+    """The source stayed under the minimum rate, on every attempt."""
+    message = ("Download of image %(image_id)s failed after %(attempts)d "
+               "attempt(s): on the last one the source sent %(got)d bytes "
+               "in %(window)d s (%(rate)d bytes/s), under [glance] "
+               "download_min_rate = "
+               "%(min_rate)d bytes/s. Nothing was published. Check Glance and "
+               "the network, or lower download_min_rate (0 = no minimum).")
+    falls_through = False
+
+
 class ImageUnacceptable(AgentError):
     """The image bits or metadata are unsafe or wrong: never retried."""
     message = "Image %(image_id)s refused: %(reason)s"
     falls_through = False
+
+
+class WeakImageHash(ImageUnacceptable):
+    """Nothing strong enough to verify the bits against."""
+    message = ("Image %(image_id)s refused: %(what)s, nothing strong enough "
+               "to prove that its bits are the ones uploaded. Nothing was "
+               "downloaded. Have Glance compute a multihash (its "
+               "hashing_algorithm, sha256 or stronger) and re-upload the "
+               "image, or accept the risk with [glance] allow_weak_hashes = "
+               "True.")
+
+
+class UnknownHashAlgorithm(ImageUnacceptable):
+    message = ("Image %(image_id)s refused: its os_hash_algo %(algo)r is not "
+               "an algorithm the agent verifies (accepted: %(accepted)s). "
+               "Nothing was downloaded. Set Glance's hashing_algorithm to one "
+               "of them and upload the image again.")
 
 
 class ChecksumMismatch(ImageUnacceptable):
@@ -144,6 +183,10 @@ class CacheEntryNotFound(AgentError):
 class Cancelled(AgentError):
     message = 'Cancelled: the service is stopping; nothing was published.'
     falls_through = False
+
+
+class JobCancelled(Cancelled):
+    message = 'Cancelled on request; nothing was published.'
 
 
 class UnsafePath(AgentError):

@@ -304,6 +304,10 @@ SERVICE_ROUTES = [
     ('GET', '/v1/jobs/{id}?wait=<seconds>',
      "A job's state, progress and, once done, its result or error; waits "
      'up to 60 s for it to end.'),
+    ('DELETE', '/v1/jobs/{id}',
+     'Cancel a running job: it stops within a second, even while its '
+     'source sends nothing, and rolls back (state `cancelled`, nothing '
+     'published); 202 while it stops, 200 once done.'),
 ]
 
 

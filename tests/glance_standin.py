@@ -3,8 +3,10 @@
 Not Glance: a small threaded HTTP server that answers
 ``GET /v2/images/{id}`` (the image record) and ``GET /v2/images/{id}/file``
 (the bits, with Range support, answering HEAD with 405 as Glance does), and
-can misbehave on purpose: fail with a status, stall, or cut a stream short.
-It counts the data requests per image so tests can assert "one download".
+can misbehave on purpose: fail with a status, stall (before the headers or
+mid-stream), drip one byte a second, cut a stream short, or answer Range
+requests wrongly. Stalls and drips end when the server is closed. It counts
+the data requests per image so tests can assert "one download".
 Used by the tests and by ``bench/download.py``.
 """
 
@@ -15,7 +17,6 @@ import os
 import re
 import socket
 import threading
-import time
 import uuid
 
 _RANGE = re.compile(r'^bytes=(\d+)-$')
@@ -48,6 +49,8 @@ class GlanceStandIn:
     def __init__(self):
         self.images = {}      # id -> (record, data path)
         self.faults = {}      # id -> dict, see fail()
+        self.range_faults = {}  # id -> dict, see answer_ranges()
+        self._closing = threading.Event()
         self.data_requests = {}
         self._lock = threading.Lock()
         standin = self
@@ -78,6 +81,7 @@ class GlanceStandIn:
         return self
 
     def __exit__(self, *exc):
+        self._closing.set()
         self.server.shutdown()
         self.server.server_close()
 
@@ -88,22 +92,36 @@ class GlanceStandIn:
         return self.images[image_id][0]
 
     def fail(self, image_id, status=None, times=None, stall_after=None,
-             truncate_after=None, stall_seconds=30):
+             truncate_after=None, stall_seconds=30, stall_headers=False,
+             drip_after=None):
         """Misbehave on ``/file`` of ``image_id``: answer ``status``, or
         pause ``stall_seconds`` after ``stall_after`` bytes (then go on), or
-        close after ``truncate_after`` bytes; for the next ``times``
-        requests (None = always)."""
+        before sending any header (``stall_headers``), or send one byte a
+        second after ``drip_after`` bytes, or close after
+        ``truncate_after`` bytes; for the next ``times`` requests (None =
+        always). Byte counts are from where the answer starts."""
         self.faults[image_id] = dict(status=status, times=times,
                                      stall_after=stall_after,
                                      truncate_after=truncate_after,
-                                     stall_seconds=stall_seconds)
+                                     stall_seconds=stall_seconds,
+                                     stall_headers=stall_headers,
+                                     drip_after=drip_after)
+
+    def answer_ranges(self, image_id, mode, times=None):
+        """Answer the next ``times`` Range requests (None = all) for
+        ``/file`` of ``image_id`` wrongly: ``'ignore'`` (200 with the whole
+        image), ``'wrong-offset'`` (206 with the bytes and Content-Range of
+        a range starting 64 KiB before the one asked for), ``'missing'``
+        (206 from the right byte, without Content-Range) or ``'malformed'``
+        (206 from the right byte, with a Content-Range that says nothing)."""
+        self.range_faults[image_id] = dict(mode=mode, times=times)
 
     def downloads(self, image_id):
         return self.data_requests.get(image_id, 0)
 
-    def _take_fault(self, image_id):
+    def _take_fault(self, image_id, faults=None):
         with self._lock:
-            fault = self.faults.get(image_id)
+            fault = (self.faults if faults is None else faults).get(image_id)
             if not fault:
                 return None
             if fault['times'] is not None:
@@ -128,16 +146,28 @@ class GlanceStandIn:
             self.data_requests[image_id] = \
                 self.data_requests.get(image_id, 0) + 1
         fault = self._take_fault(image_id)
+        if fault and fault['stall_headers']:
+            self._closing.wait(fault['stall_seconds'])
+            req.close_connection = True
+            return
         if fault and fault['status']:
             return self._reply(req, fault['status'], b'{"message": "fault"}')
         size = os.path.getsize(path)
         start = 0
         m = _RANGE.match(req.headers.get('Range', ''))
-        if m and int(m.group(1)) < size:
+        wrong = m and self._take_fault(image_id, self.range_faults)
+        if m and int(m.group(1)) < size and not (
+                wrong and wrong['mode'] == 'ignore'):
             start = int(m.group(1))
+            content_range = 'bytes %d-%d/%d' % (start, size - 1, size)
+            if wrong and wrong['mode'] == 'wrong-offset':
+                start = max(0, start - 64 * 1024)
+                content_range = 'bytes %d-%d/%d' % (start, size - 1, size)
+            elif wrong and wrong['mode'] == 'malformed':
+                content_range = 'bytes whatever'
             req.send_response(206)
-            req.send_header('Content-Range', 'bytes %d-%d/%d'
-                            % (start, size - 1, size))
+            if not (wrong and wrong['mode'] == 'missing'):
+                req.send_header('Content-Range', content_range)
         else:
             req.send_response(200)
         req.send_header('Content-Type', 'application/octet-stream')
@@ -146,18 +176,28 @@ class GlanceStandIn:
         limit = size
         if fault and fault['truncate_after'] is not None:
             limit = min(size, start + fault['truncate_after'])
-        stall_at = None
+        stall_at = drip_at = None
         if fault and fault['stall_after'] is not None:
             stall_at = start + fault['stall_after']
+        if fault and fault['drip_after'] is not None:
+            drip_at = start + fault['drip_after']
         try:
             with open(path, 'rb') as f:
                 offset = start
                 while offset < limit:
-                    end = limit if stall_at is None or offset >= stall_at \
-                        else min(limit, stall_at)
+                    end = min([limit] + [at for at in (stall_at, drip_at)
+                                         if at is not None and at > offset])
                     if offset == stall_at:
-                        time.sleep(fault['stall_seconds'])
+                        if self._closing.wait(fault['stall_seconds']):
+                            return
                         stall_at = None
+                        continue
+                    if drip_at is not None and offset >= drip_at:
+                        req.connection.sendall(os.pread(f.fileno(), 1,
+                                                        offset))
+                        offset += 1
+                        if self._closing.wait(1):
+                            return
                         continue
                     sent = os.sendfile(req.connection.fileno(), f.fileno(),
                                        offset, min(end - offset, 1 << 22))

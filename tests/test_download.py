@@ -122,11 +122,15 @@ def test_checksum_mismatch(glance_env, glance, image_files):
     assert proc.returncode == 1
     assert 'sha512' in proc.stderr and 'tampered' in proc.stderr
     assert glance_env.base_files() == []
-    # legacy md5 checksum is used when there is no multihash
+    # the legacy md5 checksum is verified when there is no multihash and
+    # the operator accepts weak hashes (else refused: test_download_trust)
+    glance_env.configure(glance={'allow_weak_hashes': True})
     glance.add('md5only', image_files['disk.raw'], os_hash_algo=None,
                os_hash_value=None, checksum='0' * 32)
     proc = glance_env.cli('fetch', 'md5only', check=False)
-    assert proc.returncode == 1 and 'md5' in proc.stderr
+    assert proc.returncode == 1
+    assert 'its md5 is' in proc.stderr and 'tampered' in proc.stderr
+    assert glance_env.base_files() == []
 
 
 @pytest.mark.parametrize('image_id', ['../etc', 'a/b', '..', '', 'x\0y',

@@ -187,6 +187,28 @@ def test_glance_computes_the_hash_fields(glance_images, real_glance):
         assert resp.status_code == 206 and len(resp.content) == 10
 
 
+def test_real_glance_answers_a_resume_as_the_agent_requires(
+        env, real_glance, glance_images):
+    """The agent refuses a 206 whose Content-Range is not the range it
+    asked for: Glance's own answer must pass that check."""
+    from agent import config
+    from agent.images.glance import GlanceImageSource
+    record, path = glance_images['qcow2']
+    glance_env(env, real_glance)
+    source = GlanceImageSource(config.load([env.conf_path]))
+    image = source.get(record['id'])
+    offset = record['size'] // 3
+    stream = source.open(image, offset)
+    try:
+        assert stream.offset == offset
+        data = b''.join(stream)
+    finally:
+        stream.close()
+    with open(path, 'rb') as f:
+        f.seek(offset)
+        assert data == f.read()
+
+
 @pytest.mark.parametrize('fmt', ['raw', 'qcow2', 'vmdk'])
 def test_downloading_handler_makes_a_verified_raw_base(
         env, real_glance, glance_images, image_files, fmt):

@@ -254,9 +254,8 @@ class ImageVolumeCache:
             try:
                 _, virtual_size, _, _ = download.download_verified(
                     source, image, part_fd, then=write_template,
-                    retries=self.conf.glance.num_retries,
-                    max_virtual_size=self.conf.max_image_virtual_size_gb *
-                    GiB, progress=progress)
+                    limits=download.DownloadLimits.from_conf(self.conf),
+                    progress=progress)
             finally:
                 os.close(part_fd)
         except BaseException:

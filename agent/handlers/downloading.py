@@ -90,8 +90,8 @@ class DownloadingTemplateImageHandler(BaseTemplateImageHandler):
                 result, virtual_size, fmt, (fd, temp_name) = \
                     download.download_verified(
                         self.context.source, image, part_fd, then=make_raw,
-                        retries=self.conf.glance.num_retries,
-                        max_virtual_size=limit, progress=progress)
+                        limits=download.DownloadLimits.from_conf(self.conf),
+                        progress=progress)
                 files.publish(fd, name, dir_fd, temp_name)
                 size = os.fstat(fd).st_size
             except OSError as exc:
@@ -111,8 +111,7 @@ class DownloadingTemplateImageHandler(BaseTemplateImageHandler):
             handler=self.name, source=self.context.source.name,
             size_bytes=size, virtual_size=virtual_size,
             disk_format=image.disk_format, hash_algo=result.hash_algo,
-            hash_value=image.expected_hash[1] if image.expected_hash
-            else None, image_updated_at=image.updated_at)
+            hash_value=result.hash_value, image_updated_at=image.updated_at)
 
     def remove_image(self, entry, path):
         with self.context.base_dir_fd() as dir_fd:

@@ -9,8 +9,23 @@ finish after the last byte is written: ``download_verified`` runs the
 caller's next step (conversion, fsync) meanwhile and publishes nothing
 unless the hash matches.
 
-Transient failures resume where they stopped with a Range request, with
-exponential backoff, at most ``retries`` times.
+No unverified bytes: before anything is requested, ``hash_to_verify``
+decides what the bits will be checked against. Only a strong multihash is
+accepted unless the operator allows weak ones (``[glance]
+allow_weak_hashes``); an algorithm the agent does not know is refused.
+
+Bounded time: the receiver thread does all the waiting on the source
+(connecting, headers, reads, backoff between attempts); the caller's thread
+never waits for it longer than ``TICK`` seconds at a time, and at every
+wake calls the caller's ``progress`` (which raises to cancel, e.g.
+``Cancelled``), checks the overall deadline (``DownloadLimits.timeout``)
+and the minimum rate over a window. On any way out the receiver is stopped
+(its socket shut down) and the caller discards the output file.
+
+Transient failures (a broken, stalled or too slow stream, 5xx answers)
+resume where they stopped with a Range request, with exponential backoff,
+at most ``retries`` times; a source that answers a Range request with the
+whole image starts the file over.
 """
 
 import dataclasses
@@ -18,6 +33,7 @@ import errno
 import hashlib
 import os
 import queue
+import logging
 import threading
 import time
 
@@ -27,13 +43,51 @@ from agent.images.glance import backoff_delays
 from agent.images.sources import TransientSourceError
 from agent.metrics import REGISTRY
 
+LOG = logging.getLogger(__name__)
+
 SPARSE_BLOCK = 64 * 1024
 _ZERO_BLOCK = bytes(SPARSE_BLOCK)
 _ZERO_CHUNK = bytes(4 * 1024 * 1024)
 _HASH_READ = 4 * 1024 * 1024
 _QUEUE_DEPTH = 8
+_CHUNK = 1024 * 1024     # the receiver queues up to this much at once ...
+_COALESCE = 0.25         # ... or what arrived within this many seconds
+#: longest wait of the caller's thread between two checks of cancellation,
+#: deadline and rate
+TICK = 0.5
 _DONE = object()
 NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+#: os_hash_algo values (hashlib names, as Glance records its
+#: hashing_algorithm) strong enough to vouch for the bits
+STRONG_HASHES = ('sha256', 'sha384', 'sha512', 'sha3_256', 'sha3_384',
+                 'sha3_512', 'blake2b', 'blake2s')
+#: known and verifiable, but broken or short: only with allow_weak_hashes
+WEAK_HASHES = ('md5', 'sha1', 'sha224', 'sha3_224')
+
+
+@dataclasses.dataclass(frozen=True)
+class DownloadLimits:
+    """What a download may take and must prove; ``from_conf`` reads the
+    options (``[glance]``, ``max_image_virtual_size_gb``), so every caller
+    downloads under the same rules. The defaults are those of the
+    options."""
+    retries: int = 3
+    allow_weak_hashes: bool = False
+    timeout: float = 3600        # seconds for the whole download; 0: none
+    min_rate: int = 64 * 1024    # bytes/s over rate_window; 0: none
+    rate_window: float = 60
+    max_virtual_size: int = 0    # bytes; 0: none
+
+    @classmethod
+    def from_conf(cls, conf):
+        glance = conf.glance
+        return cls(max_virtual_size=conf.max_image_virtual_size_gb * 1024 ** 3,
+                   retries=glance.num_retries,
+                   allow_weak_hashes=glance.allow_weak_hashes,
+                   timeout=glance.download_timeout,
+                   min_rate=glance.download_min_rate,
+                   rate_window=glance.download_min_rate_window)
 
 
 @dataclasses.dataclass
@@ -41,11 +95,81 @@ class DownloadResult:
     size: int
     inspector: object
     hash_algo: str = None
+    hash_value: str = None
     attempts: int = 1
+
+
+def hash_to_verify(image, allow_weak=False):
+    """``(hashlib name, hex digest)`` to verify ``image``'s bits against,
+    or None when the image has no hash and ``allow_weak`` accepts that.
+
+    Glance's multihash (``os_hash_algo``/``os_hash_value``) wins over the
+    legacy md5 ``checksum``, as in glance_store and nova.
+
+    :raises UnknownHashAlgorithm: an ``os_hash_algo`` the agent does not know
+    :raises WeakImageHash: only a weak hash or none, and not ``allow_weak``
+    :raises ImageUnacceptable: a hash value that cannot be a digest
+    """
+    algo = (image.os_hash_algo or '').strip().lower()
+    if algo and image.os_hash_value:
+        if algo in STRONG_HASHES:
+            return algo, _hex_digest(image, algo, image.os_hash_value)
+        if algo not in WEAK_HASHES:
+            raise errors.UnknownHashAlgorithm(
+                image_id=image.id, algo=image.os_hash_algo,
+                accepted=', '.join(STRONG_HASHES))
+        what = 'its multihash uses %s' % algo
+        claimed = algo, image.os_hash_value
+    elif image.checksum:
+        what = 'it has only an md5 checksum'
+        claimed = 'md5', image.checksum
+    else:
+        if not allow_weak:
+            raise errors.WeakImageHash(image_id=image.id,
+                                       what='it has no hash at all')
+        LOG.warning('image %s has no hash: downloading it unverified, as '
+                    '[glance] allow_weak_hashes = True allows', image.id)
+        return None
+    if not allow_weak:
+        raise errors.WeakImageHash(image_id=image.id, what=what)
+    LOG.warning('image %s: %s; verifying with it only, as [glance] '
+                'allow_weak_hashes = True allows', image.id, what)
+    return claimed[0], _hex_digest(image, *claimed)
+
+
+def _hex_digest(image, algo, value):
+    expected = hashlib.new(algo).digest_size * 2
+    value = str(value).strip().lower()
+    if len(value) != expected or value.strip('0123456789abcdef'):
+        raise errors.ImageUnacceptable(
+            image_id=image.id, reason='its %s hash %r is not a %d-digit hex '
+            'digest; the image record is corrupt' % (algo, value, expected))
+    return value
 
 
 class _SourceRestarted(Exception):
     """The source could not resume and starts over at byte 0."""
+
+
+class _RetriesExhausted(Exception):
+    """The receiver gave up; ``args[0]`` is the last failure."""
+
+
+class _TooSlow(Exception):
+    """A stream abandoned for its rate; ``info`` as DownloadTooSlow takes."""
+
+    def __init__(self, info):
+        super().__init__('%(got)d bytes in %(window)d s, under the minimum '
+                         'rate of %(min_rate)d bytes/s' % info)
+        self.info = info
+
+
+class _Opened:
+    """Queued before the chunks of each stream: where it starts."""
+
+    def __init__(self, offset, generation):
+        self.offset = offset
+        self.generation = generation
 
 
 def _is_zero(data):
@@ -145,23 +269,110 @@ class _FileHasher(threading.Thread):
 
 
 class _Receiver(threading.Thread):
-    """Pulls chunks from a ``DataStream`` into a bounded queue."""
+    """Does all the waiting on the source, so the caller's thread never
+    blocks on it: opens the stream (again after a transient failure, from
+    where it stopped, with backoff), reads it, and queues an ``_Opened``
+    before each stream, what arrives (coalesced up to ``_CHUNK`` bytes or
+    ``_COALESCE`` seconds), and at the end ``_DONE`` or the error.
 
-    def __init__(self, stream):
+    ``abandon()`` drops a stream (it is resumed as after a stall),
+    ``stop()`` ends it all; both are called from the caller's thread.
+    """
+
+    def __init__(self, source, image, delays):
         super().__init__(daemon=True, name='image-receiver')
-        self.stream = stream
+        self.source = source
+        self.image = image
+        self.delays = delays
+        self.attempts = 0
         self.queue = queue.Queue(_QUEUE_DEPTH)
         self.stopped = threading.Event()
+        self._lock = threading.Lock()
+        self._stream = None
+        self._generation = 0
+        self._abandoned = None
+        self._offset = 0
 
     def run(self):
         try:
-            for chunk in self.stream:
-                if self.stopped.is_set():
-                    return
-                self._put(chunk)
-            self._put(_DONE)
+            self._receive()
         except BaseException as exc:  # handed to the consumer
             self._put(exc)
+
+    def _receive(self):
+        offset, last_error = 0, None
+        size = self.image.size
+        while not self.stopped.is_set():
+            if self.attempts:
+                if not self.delays:
+                    raise _RetriesExhausted(last_error)
+                if self.stopped.wait(self.delays.pop(0)):
+                    return
+            self.attempts += 1
+            try:
+                stream = self.source.open(self.image, offset)
+            except TransientSourceError as exc:
+                last_error = exc
+                continue
+            with self._lock:
+                if self.stopped.is_set():
+                    stream.close()
+                    return
+                self._stream = stream
+                self._generation += 1
+                generation = self._generation
+            self._offset = offset
+            try:
+                if stream.offset not in (0, offset):
+                    raise TransientSourceError(
+                        'the source resumed at byte %d, not %d'
+                        % (stream.offset, offset))
+                offset = stream.offset
+                self._put(_Opened(offset, generation))
+                offset = self._pump(stream, offset)
+                if size is None or offset >= size:
+                    self._put(_DONE)
+                    return
+                last_error = 'stream ended at byte %d of %d' % (offset, size)
+            except Exception as exc:
+                # an abandoned stream may fail any way its abort makes it
+                if not isinstance(exc, TransientSourceError) and \
+                        self._abandoned is None:
+                    raise
+                last_error = exc
+                offset = self._offset
+            finally:
+                with self._lock:
+                    self._stream = None
+                    abandoned, self._abandoned = self._abandoned, None
+                stream.close()
+            if abandoned is not None:
+                last_error = abandoned
+
+    def _pump(self, stream, offset):
+        """Queue the stream's bytes; return the offset after them (also
+        kept in ``_offset`` as they are queued)."""
+        self._offset = offset
+        pending, pending_size, since = [], 0, None
+        try:
+            for piece in stream:
+                pending.append(piece)
+                pending_size += len(piece)
+                now = time.monotonic()
+                since = since or now
+                if pending_size >= _CHUNK or now - since >= _COALESCE:
+                    self._flush(pending, pending_size)
+                    pending, pending_size, since = [], 0, None
+                if self._abandoned is not None or self.stopped.is_set():
+                    break
+        finally:
+            if pending:
+                self._flush(pending, pending_size)
+        return self._offset
+
+    def _flush(self, pending, size):
+        self._put(pending[0] if len(pending) == 1 else b''.join(pending))
+        self._offset += size
 
     def _put(self, item):
         while not self.stopped.is_set():
@@ -171,18 +382,62 @@ class _Receiver(threading.Thread):
             except queue.Full:
                 continue
 
-    def chunks(self):
-        while True:
-            item = self.queue.get()
-            if item is _DONE:
+    def abandon(self, generation, reason):
+        """Drop stream ``generation`` if it is still the current one; it is
+        resumed as after a transient failure, ``reason`` being the failure."""
+        with self._lock:
+            if generation != self._generation or self._stream is None:
                 return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
+            self._abandoned = reason
+            stream = self._stream
+        stream.abort()
 
     def stop(self):
         self.stopped.set()
-        self.stream.close()
+        with self._lock:
+            stream = self._stream
+        if stream is not None:
+            stream.abort()
+
+
+class _Watch:
+    """The caller's side of the limits, checked at every chunk and at least
+    every ``TICK`` seconds: cancellation (the caller's ``progress`` raises),
+    the deadline, and the rate of the current stream over each window."""
+
+    def __init__(self, image, limits, progress):
+        self.image = image
+        self.limits = limits
+        self.progress = progress
+        self.started = time.monotonic()
+        self.window = None  # (stream generation, start time, start offset)
+
+    def opened(self, generation, offset):
+        self.window = (generation, time.monotonic(), offset)
+
+    def check(self, offset, receiver):
+        if self.progress:
+            self.progress(offset, self.image.size)
+        now = time.monotonic()
+        limits = self.limits
+        if limits.timeout and now - self.started > limits.timeout:
+            raise errors.DownloadTimedOut(
+                image_id=self.image.id, elapsed=now - self.started,
+                limit=limits.timeout, done=offset,
+                size=self.image.size if self.image.size is not None
+                else 'an unknown number of')
+        if limits.min_rate and self.window is not None:
+            generation, start, start_offset = self.window
+            span = now - start
+            if span >= limits.rate_window:
+                got = offset - start_offset
+                if got < limits.min_rate * span:
+                    self.window = None  # until the next stream opens
+                    receiver.abandon(generation, _TooSlow(dict(
+                        got=got, window=span, rate=got / span,
+                        min_rate=limits.min_rate)))
+                else:
+                    self.window = (generation, now, offset)
 
 
 class Download:
@@ -200,7 +455,7 @@ class Download:
     def verify(self):
         if self._hasher is None:
             return
-        algo, expected = self.image.expected_hash
+        algo, expected = self.result.hash_algo, self.result.hash_value
         actual = self._hasher.hexdigest()
         if actual != expected:
             raise errors.ChecksumMismatch(image_id=self.image.id, algo=algo,
@@ -211,30 +466,58 @@ class Download:
             self._hasher.cancel()
 
 
-def download(source, image, dest_fd, retries=3, progress=None):
+def download(source, image, dest_fd, limits=None, progress=None):
     """Stream ``image`` from ``source`` into the new, empty file open on
     ``dest_fd`` (the caller's; it stays open).
 
     Returns a ``Download`` whose hash may still be running; the file is not
-    fsynced.
+    fsynced. On an error the file holds partial bytes: discard it.
 
+    :param limits: ``DownloadLimits`` (retries, hashes, time)
+    :param progress: ``callable(done_bytes, total_bytes)``, called at every
+        chunk and at least every ``TICK`` seconds; it may raise (e.g.
+        ``Cancelled``) to stop the download
+    :raises WeakImageHash, UnknownHashAlgorithm: before any request
     :raises DownloadFailed: transient failures outlasted the retries
+        (DownloadTooSlow when the last one was the minimum rate)
+    :raises DownloadTimedOut: over the deadline
     :raises InsufficientSpace: the filesystem filled up
     :raises ImageUnacceptable: the source sent more than the image's size
     """
-    expected = image.expected_hash
-    delays = backoff_delays(retries)
+    limits = limits or DownloadLimits()
+    expected = hash_to_verify(image, limits.allow_weak_hashes)
     fd = dest_fd
     hasher = None
-    started, offset = time.monotonic(), 0
-    try:
+    watch = _Watch(image, limits, progress)
+    receiver = _Receiver(source, image, backoff_delays(limits.retries))
+    offset = 0
+
+    def chunks():
+        """The receiver's chunks; waits at most TICK between checks."""
         while True:
+            try:
+                item = receiver.queue.get(timeout=TICK)
+            except queue.Empty:
+                watch.check(offset, receiver)
+                continue
+            if item is _DONE:
+                return
+            if isinstance(item, _Opened):
+                watch.opened(item.generation, item.offset)
+                if item.offset == 0 and offset > 0:
+                    raise _SourceRestarted()
+                continue
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    receiver.start()
+    try:
+        while True:  # once, and again if the source restarts from byte 0
             hasher = _FileHasher(fd, expected[0]) if expected else None
             if hasher:
                 hasher.start()
-            chunks = _resuming_chunks(source, image, delays)
-            wrapper = inspection.new_stream_inspector(chunks)
-            offset = 0
+            wrapper = inspection.new_stream_inspector(chunks())
             try:
                 for chunk in wrapper:
                     _pwrite_sparse(fd, chunk, offset)
@@ -246,12 +529,15 @@ def download(source, image, dest_fd, retries=3, progress=None):
                     if hasher:
                         os.ftruncate(fd, offset)  # holes at the end read back
                         hasher.advance(offset)
-                    if progress:
-                        progress(offset, image.size)
+                    watch.check(offset, receiver)
             except _SourceRestarted:
+                LOG.info('image %s: the source sent the whole image instead '
+                         'of resuming at byte %d; starting over', image.id,
+                         offset)
                 if hasher:
                     hasher.cancel()
                 os.ftruncate(fd, 0)
+                offset = 0
                 continue
             except OSError as exc:
                 if exc.errno in NO_SPACE_ERRNOS:
@@ -260,16 +546,19 @@ def download(source, image, dest_fd, retries=3, progress=None):
                         needed=image.size or offset, free=0)
                 raise
             except _RetriesExhausted as exc:
+                last = exc.args[0]
+                if isinstance(last, _TooSlow):
+                    raise errors.DownloadTooSlow(
+                        image_id=image.id, attempts=receiver.attempts,
+                        **last.info)
                 raise errors.DownloadFailed(image_id=image.id,
-                                            attempts=retries + 1,
-                                            reason=str(exc))
-            finally:
-                chunks.close()
+                                            attempts=receiver.attempts,
+                                            reason=str(last))
             break
         os.ftruncate(fd, offset)
         if image.size is not None and offset != image.size:
             raise errors.DownloadFailed(
-                image_id=image.id, attempts=retries + 1,
+                image_id=image.id, attempts=receiver.attempts,
                 reason='got %d bytes, the image has %d' % (offset, image.size))
         inspector = inspection.stream_result(wrapper, image.id)
         if hasher:
@@ -279,57 +568,19 @@ def download(source, image, dest_fd, retries=3, progress=None):
             hasher.cancel()
         raise
     finally:
+        receiver.stop()
         REGISTRY.inc('template_agent_downloaded_bytes_total', offset)
         REGISTRY.inc('template_agent_download_seconds_total',
-                     time.monotonic() - started)
+                     time.monotonic() - watch.started)
     return Download(image, DownloadResult(
         size=offset, inspector=inspector,
         hash_algo=expected[0] if expected else None,
-        attempts=retries - len(delays) + 1), hasher)
+        hash_value=expected[1] if expected else None,
+        attempts=receiver.attempts), hasher)
 
 
-class _RetriesExhausted(Exception):
-    pass
-
-
-def _resuming_chunks(source, image, delays):
-    """Chunks of the whole image, resuming after transient failures."""
-    offset = 0
-    last_error = None
-    first = True
-    while True:
-        if not first:
-            if not delays:
-                raise _RetriesExhausted(last_error)
-            time.sleep(delays.pop(0))
-        first = False
-        try:
-            stream = source.open(image, offset)
-        except TransientSourceError as exc:
-            last_error = exc
-            continue
-        if stream.offset != offset:
-            stream.close()
-            raise _SourceRestarted()
-        receiver = _Receiver(stream)
-        receiver.start()
-        try:
-            for chunk in receiver.chunks():
-                offset += len(chunk)
-                yield chunk
-            if image.size is not None and offset < image.size:
-                last_error = 'stream ended at byte %d of %d' % (offset,
-                                                               image.size)
-                continue
-            return
-        except TransientSourceError as exc:
-            last_error = exc
-        finally:
-            receiver.stop()
-
-
-def download_verified(source, image, dest_fd, then=None, retries=3,
-                      max_virtual_size=0, progress=None):
+def download_verified(source, image, dest_fd, then=None, limits=None,
+                      progress=None):
     """Download, check format and safety, run ``then``, verify the hash.
 
     ``then(qemu_format, virtual_size)`` (e.g. convert, or fsync) runs while
@@ -339,12 +590,14 @@ def download_verified(source, image, dest_fd, then=None, retries=3,
 
     :returns: ``(DownloadResult, virtual_size, qemu_format, then's result)``
     """
-    pending = download(source, image, dest_fd, retries=retries,
+    limits = limits or DownloadLimits()
+    pending = download(source, image, dest_fd, limits=limits,
                        progress=progress)
     try:
         result = pending.result
         virtual_size = inspection.check_image(
-            result.inspector, image.disk_format, image.id, max_virtual_size)
+            result.inspector, image.disk_format, image.id,
+            limits.max_virtual_size)
         fmt = inspection.qemu_format(result.inspector)
         if fmt == 'raw':
             virtual_size = result.size

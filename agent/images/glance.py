@@ -3,8 +3,15 @@
 Servers in ``[glance] api_servers`` are tried in order; connection errors and
 5xx answers move to the next one and are retried with backoff up to
 ``[glance] num_retries`` times. 4xx answers are final.
+
+Every socket read has a timeout (``[glance] read_timeout``). A data stream
+yields what arrives as it arrives (not only whole chunks), so a slow stream
+shows as slow, and it can be aborted from another thread: the socket is
+shut down, which wakes a read blocked on it.
 """
 
+import re
+import socket
 import time
 import urllib.parse
 
@@ -16,6 +23,7 @@ from agent.images.sources import DataStream, ImageSource, TransientSourceError
 
 CHUNK_SIZE = 1024 * 1024
 CONNECT_TIMEOUT = 10.0
+_CONTENT_RANGE = re.compile(r'^bytes (\d+)-(\d+)/(\d+|\*)$')
 
 
 def backoff_delays(retries, base=0.5, cap=8.0):
@@ -103,14 +111,60 @@ class GlanceImageSource(ImageSource):
         if resp.status_code == 204:
             resp.close()
             raise errors.ImageNotActive(image_id=image.id, status='empty')
-        served = offset if resp.status_code == 206 else 0
+        served = 0  # a 200 to a Range request: the whole image again
+        if resp.status_code == 206:
+            try:
+                served = check_content_range(
+                    resp.headers.get('Content-Range'), offset, image.size)
+            except ValueError as exc:
+                resp.close()
+                raise TransientSourceError(
+                    'Glance at %s answered a request for the bytes from %d '
+                    'with %s; refused (does a proxy between this host and '
+                    'Glance mishandle Range requests?)' % (
+                        urllib.parse.urlsplit(resp.url).netloc, offset, exc))
+        elif resp.status_code != 200:
+            resp.close()
+            raise TransientSourceError('Glance answered HTTP %d to a data '
+                                       'request' % resp.status_code)
+        sock = getattr(getattr(resp.raw, 'connection', None), 'sock', None)
+        # what has arrived (urllib3 >= 2.3), else whole chunks
+        read = getattr(resp.raw, 'read1', None) or resp.raw.read
 
         def chunks():
             try:
-                for chunk in resp.raw.stream(CHUNK_SIZE,
-                                             decode_content=False):
-                    yield chunk
+                while True:
+                    piece = read(CHUNK_SIZE, decode_content=False)
+                    if not piece:
+                        return
+                    yield piece
             except Exception as exc:  # urllib3 and socket errors alike
                 raise TransientSourceError(
                     'stream from Glance broke: %s' % exc) from exc
-        return DataStream(chunks(), served, resp.close)
+
+        def abort():
+            if sock is not None:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+        return DataStream(chunks(), served, resp.close, abort=abort)
+
+
+def check_content_range(value, offset, size=None):
+    """The first byte a 206 answer holds, which must be ``offset``.
+
+    :raises ValueError: missing, malformed, or another range
+    """
+    m = _CONTENT_RANGE.match((value or '').strip())
+    if not m:
+        raise ValueError('a 206 whose Content-Range is %s' % (
+            repr(value) if value else 'missing'))
+    first, last, total = int(m.group(1)), int(m.group(2)), m.group(3)
+    if first != offset or last < first:
+        raise ValueError('a 206 for another range (Content-Range %r)'
+                         % value)
+    if total != '*' and size is not None and int(total) != size:
+        raise ValueError('a 206 for an image of another size (Content-Range '
+                         '%r, the image has %d bytes)' % (value, size))
+    return first

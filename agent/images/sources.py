@@ -8,12 +8,17 @@ class DataStream:
 
     ``offset`` is where the source actually starts: a source that cannot
     resume answers 0 whatever was asked, and the caller starts over.
+
+    ``close()`` belongs to the thread that iterates; ``abort()`` may be
+    called from any thread and makes a read blocked in the iteration return
+    soon (with an error or the end of the stream).
     """
 
-    def __init__(self, chunks, offset=0, close=None):
+    def __init__(self, chunks, offset=0, close=None, abort=None):
         self._chunks = chunks
         self.offset = offset
         self._close = close
+        self._abort = abort
 
     def __iter__(self):
         return iter(self._chunks)
@@ -21,6 +26,10 @@ class DataStream:
     def close(self):
         if self._close:
             self._close()
+
+    def abort(self):
+        if self._abort:
+            self._abort()
 
 
 class TransientSourceError(Exception):

@@ -91,9 +91,8 @@ class VolumeSide:
             try:
                 download.download_verified(
                     self.source, image, tmp_fd, then=write_volume,
-                    retries=self.conf.glance.num_retries,
-                    max_virtual_size=self.conf.max_image_virtual_size_gb
-                    * 1024 ** 3, progress=progress)
+                    limits=download.DownloadLimits.from_conf(self.conf),
+                    progress=progress)
             finally:
                 os.close(tmp_fd)
             return volume_id
