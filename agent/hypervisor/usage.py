@@ -37,38 +37,48 @@ class UsageScanner:
     def __init__(self, conf):
         self.conf = conf
 
-    def _references(self, warnings, strict):
-        """``(user, path)`` pairs from libvirt and the instance disks."""
+    def _references(self, problems):
+        """``(user, path, key)`` from libvirt and the instance disks;
+        ``key`` is what ``path`` is (``stat_key``), None when it names
+        nothing (yet). What cannot be read goes to ``problems``."""
         refs = []
+
+        def chain(user, path):
+            for backing in instance_disks.backing_chain(path):
+                refs.append((user, backing, path_key(backing)))
+
         uri = self.conf.libvirt.connection_uri
         if uri:
             try:
-                for name, path in libvirt_domains.domain_disk_paths(uri):
-                    refs.append(('domain:%s' % name, path))
-                    for backing in instance_disks.backing_chain(path):
-                        refs.append(('domain:%s' % name, backing))
+                for name, path in libvirt_domains.domain_disk_paths(
+                        uri, problems):
+                    refs.append(('domain:%s' % name, path, path_key(path)))
+                    chain('domain:%s' % name, path)
             except errors.UsageUnknown as exc:
-                if strict:
-                    raise
-                warnings.append(str(exc))
+                problems.append(exc.kwargs.get('reason') or str(exc))
         skip = [config.base_dir(self.conf), config.lock_dir(self.conf)]
         if os.path.isdir(self.conf.instances_path):
             for disk in instance_disks.instance_disks(
-                    self.conf.instances_path, skip):
-                refs.append(('disk:%s' % disk, disk))  # a disk that is a base
-                for backing in instance_disks.backing_chain(disk):
-                    refs.append(('disk:%s' % disk, backing))
+                    self.conf.instances_path, skip, problems):
+                user = 'disk:%s' % disk.path
+                # a disk that is a base (a link, a hard link, its device)
+                refs.append((user, disk.path, disk.key))
+                if disk.backing:
+                    refs.append((user, disk.backing,
+                                 path_key(disk.backing)))
+                    chain(user, disk.backing)
         return refs
 
     def scan(self, base_paths, strict=True):
         """Users of each of ``base_paths``.
 
-        :param strict: raise UsageUnknown when a source of usage (libvirt)
-            cannot be asked; with False, report it in ``warnings`` instead.
-            Anything that removes bases must scan strictly.
+        :param strict: raise UsageUnknown when a source of usage (libvirt,
+            a storage pool, an instance directory) cannot be read; with
+            False, report it in ``warnings`` instead. Anything that removes
+            bases must scan strictly.
         """
         users = collections.defaultdict(set)
-        warnings = []
+        problems = []
         # several names can be one base (hard links, two links to one
         # device): every name of what a user points at is in use
         by_key = collections.defaultdict(list)
@@ -80,16 +90,22 @@ class UsageScanner:
             by_name[os.path.normpath(os.path.abspath(base))].append(base)
             by_name[os.path.realpath(base)].append(base)
         if base_paths:
-            for user, path in self._references(warnings, strict):
-                bases = by_key.get(path_key(path)) or by_name.get(
-                    os.path.normpath(os.path.abspath(path)), ())
-                for base in bases:
+            refs = self._references(problems)
+            if problems and strict:
+                raise errors.UsageUnknown(reason='; '.join(problems))
+            for user, path, key in refs:
+                # by what it is; by name only when it names nothing now (a
+                # link to a device not attached yet)
+                bases = by_key.get(key) if key else (
+                    by_name.get(os.path.normpath(os.path.abspath(path))) or
+                    by_name.get(os.path.realpath(path)))
+                for base in bases or ():
                     users[base].add(user)
             for pid, name, key in _open_file_holders(by_key):
                 for base in by_key.get(tuple(key), ()):
                     users[base].add('process:%d(%s)' % (pid, name))
         return Usage({b: sorted(users.get(b, ())) for b in base_paths},
-                     warnings)
+                     problems)
 
 
 def _open_file_holders(by_key):

@@ -1,0 +1,147 @@
+"""Drive real nova code on a base image, inside nova's own venv.
+
+Run by ``tests/real_nova.py`` as ``<nova venv>/bin/python nova_driver.py``
+with one JSON request on stdin; prints one JSON answer on stdout. It imports
+nova and the standard library only (never the agent or pytest): it stands
+for nova-compute on the same host as the agent.
+
+Set-up is the one nova's own unit tests use, without a database or any
+service: ``nova.conf.CONF`` parsed with no files, the options set, the
+versioned objects registered, privsep run in this process (we are root).
+
+Requests (``op``):
+
+``cache``
+    what the libvirt driver's ``_try_fetch_image_cache`` does for the root
+    disk of an instance: ``Backend(use_cow_images).by_name(instance,
+    'disk').cache(fetch_func, context, filename, image_id, size,
+    trusted_certs)``. ``fetch_func`` stands for ``libvirt_utils.fetch_image``:
+    it records that nova downloaded, optionally waits (``fetch_wait``: until
+    a file exists, holding nova's lock meanwhile), and writes the image as
+    raw with ``.part`` and a rename, as ``images.fetch_to_raw`` does.
+``update``
+    nova's cache manager pass, ``imagecache.ImageCacheManager().update(
+    context, instances)``, with the block device mapping lookup stubbed to
+    return none (there is no database).
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from unittest import mock
+
+
+def configure(req):
+    import nova.conf
+    from oslo_concurrency import lockutils  # registers [oslo_concurrency]
+    conf = nova.conf.CONF
+    conf([], project='nova', default_config_files=[])
+    conf.set_override('instances_path', req['instances_path'])
+    conf.set_override('subdirectory_name', req.get('subdirectory_name',
+                                                   '_base'),
+                      group='image_cache')
+    conf.set_override('images_type', req.get('images_type', 'default'),
+                      group='libvirt')
+    conf.set_override('use_cow_images', req.get('use_cow_images', True))
+    lockutils.set_defaults(os.path.join(req['instances_path'], 'locks'))
+    for name, value in req.get('image_cache', {}).items():
+        conf.set_override(name, value, group='image_cache')
+
+    from nova import objects
+    objects.register_all()
+    import nova.privsep
+    # privileged calls (utime, ...) run in this process: we are root
+    nova.privsep.sys_admin_pctxt.set_client_mode(False)
+    return conf
+
+
+def make_instance(conf, spec):
+    from nova import objects
+    from nova.compute import vm_states
+    return objects.Instance(
+        id=spec.get('id', 1), uuid=spec['uuid'], image_ref=spec['image_id'],
+        kernel_id=None, ramdisk_id=None, host=conf.host,
+        task_state=None, vm_state=vm_states.ACTIVE, trusted_certs=None,
+        os_type=None, migration_context=None)
+
+
+def op_cache(conf, req):
+    from nova import context as nova_context
+    from nova.virt.libvirt import imagebackend
+    from nova.virt.libvirt import imagecache
+
+    events = []
+
+    def fetch_func(context, target, image_id, trusted_certs=None):
+        events.append({'event': 'fetch', 'target': target,
+                       'image_id': image_id, 'at': time.time()})
+        wait = req.get('fetch_wait')
+        if wait:
+            deadline = time.monotonic() + wait['timeout']
+            while not os.path.exists(wait['until']):
+                if time.monotonic() > deadline:
+                    raise RuntimeError('fetch_wait timed out')
+                time.sleep(0.05)
+        part = target + '.part'
+        subprocess.run(['qemu-img', 'convert', '-f', req['source_format'],
+                        '-O', 'raw', req['source'], part], check=True,
+                       capture_output=True)
+        os.rename(part, target)
+        events.append({'event': 'fetched', 'at': time.time()})
+
+    ctx = nova_context.RequestContext('user', 'project')
+    instance = make_instance(conf, req['instance'])
+    image_id = req['instance']['image_id']
+    # the driver makes the instance directory first (_create_image)
+    os.makedirs(os.path.join(conf.instances_path, instance.uuid),
+                exist_ok=True)
+    backend = imagebackend.Backend(conf.use_cow_images)
+    disk = backend.by_name(instance, 'disk')
+    started = time.time()
+    if req.get('ready_file'):
+        with open(req['ready_file'], 'w') as f:
+            f.write('%f\n' % started)
+    # as the libvirt driver's _try_fetch_image_cache
+    disk.cache(fetch_func=fetch_func, context=ctx,
+               filename=imagecache.get_cache_fname(image_id),
+               image_id=image_id, size=req.get('size'),
+               trusted_certs=instance.trusted_certs)
+    return {'backend': type(disk).__name__, 'disk': disk.path,
+            'driver_format': disk.driver_format,
+            'fetched': [e for e in events if e['event'] == 'fetch'],
+            'events': events, 'started': started, 'finished': time.time()}
+
+
+def op_update(conf, req):
+    from nova import context as nova_context
+    from nova import objects
+    from nova.virt.libvirt import imagecache
+
+    ctx = nova_context.RequestContext('user', 'project')
+    instances = [make_instance(conf, spec) for spec in req['instances']]
+    base_dir = os.path.join(conf.instances_path,
+                            conf.image_cache.subdirectory_name)
+    before = sorted(os.listdir(base_dir)) if os.path.isdir(base_dir) else []
+    with mock.patch.object(objects.BlockDeviceMappingList,
+                           'bdms_by_instance_uuid', return_value={}):
+        manager = imagecache.ImageCacheManager()
+        manager.update(ctx, instances)
+    after = sorted(os.listdir(base_dir)) if os.path.isdir(base_dir) else []
+    return {'removed': sorted(set(before) - set(after)),
+            'active': sorted(manager.active_base_files),
+            'removable': sorted(manager.removable_base_files)}
+
+
+def main():
+    req = json.load(sys.stdin)
+    conf = configure(req)
+    answer = {'cache': op_cache, 'update': op_update}[req['op']](conf, req)
+    json.dump(answer, sys.stdout)
+    sys.stdout.write('\n')
+
+
+if __name__ == '__main__':
+    # nova's imports are noisy (eventlet deprecation): keep stdout JSON only
+    sys.exit(main())
