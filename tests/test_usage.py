@@ -842,18 +842,36 @@ def test_unreadable_instance_directory_makes_usage_unknown(tmp_path):
         base = nova_base(env, 'img-hidden', seed=1)
         hidden = os.path.join(env.instances, 'inst-hidden')
         overlay(base, os.path.join(hidden, 'disk'))
+        # the tree is nobody's, as instances_path is nova's on a host
+        import pwd
+        nobody = pwd.getpwnam('nobody')
+        for top, dirs, names in os.walk(env.instances):
+            for name in [top] + [os.path.join(top, n) for n in dirs + names]:
+                os.lchown(name, nobody.pw_uid, nobody.pw_gid)
         os.chmod(hidden, 0)
-        with in_process(env) as agent:
-            with as_nobody():
-                with pytest.raises(errors.UsageUnknown) as caught:
-                    agent.scanner.scan([base], strict=True)
-                assert hidden in str(caught.value)
-                with pytest.raises(errors.UsageUnknown):
-                    agent.prune(min_age=0)
-                usage = agent.scanner.scan([base], strict=False)
+        # the scanner as the dropped agent sees the tree (this process
+        # must not drop for good: only its effective ids change)
+        from agent import config
+        from agent.hypervisor.usage import UsageScanner
+        scanner = UsageScanner(config.load([env.conf_path]))
+        with as_nobody():
+            with pytest.raises(errors.UsageUnknown) as caught:
+                scanner.scan([base], strict=True)
+            assert hidden in str(caught.value)
+            usage = scanner.scan([base], strict=False)
         assert usage.users[base] == []
         assert len(usage.warnings) == 1 and hidden in usage.warnings[0]
-        assert os.path.isfile(base)
+        # the CLI, started as root, drops to nobody (the owner) and refuses
+        for args in (('prune', '--min-age', '0', '--yes'),
+                     ('remove', 'img-hidden')):
+            proc = env.cli(*args, check=False)
+            assert proc.returncode == 1, (args, proc.stderr)
+            assert 'Cannot tell whether base images are in use' in \
+                proc.stderr and hidden in proc.stderr, proc.stderr
+            assert os.path.isfile(base)
+        proc = env.cli('list', '--format', 'json')
+        assert 'warning:' in proc.stderr and hidden in proc.stderr
+        assert json.loads(proc.stdout)[0]['in_use'] is False
     finally:
         os.chmod(os.path.join(root, 'instances', 'inst-hidden'), 0o755)
         import shutil
