@@ -2,8 +2,8 @@
 # Install a real nova (its libvirt image backends and image cache manager,
 # driven in process by tests/nova_driver.py; no database, no service) into
 # its own venv, outside the repository, for the real-peer tests
-# (tests/real_nova.py). Debian 12, as root. Safe to run again: a second run
-# checks and exits in about a second.
+# (tests/real_nova.py, tests/test_nova_real.py). Debian 12, as root. Safe
+# to run again: a second run checks and exits in about a second.
 #
 #   NOVA_VENV   where the venv goes (default /opt/template-agent/nova-venv)
 #   NOVA_PYTHON the interpreter it is made with (default /usr/bin/python3)

@@ -19,10 +19,24 @@ Requests (``op``):
     it records that nova downloaded, optionally waits (``fetch_wait``: until
     a file exists, holding nova's lock meanwhile), and writes the image as
     raw with ``.part`` and a rename, as ``images.fetch_to_raw`` does.
+    With ``forbid_fetch`` it records the call and raises instead: nova
+    must never download a base the agent made, and the answer's
+    ``fetched`` and ``error`` say whether it tried. ``fetching_file`` is
+    written when ``fetch_func`` starts (nova then holds its lock).
+``hold_lock``
+    take nova's own external lock for a base (``utils.synchronized(
+    filename, external=True, lock_path=$instances_path/locks)``, the one
+    ``cache()`` takes), write ``ready_file`` once it is held, hold it until
+    ``release_file`` exists; answers when it was acquired and released.
 ``update``
     nova's cache manager pass, ``imagecache.ImageCacheManager().update(
     context, instances)``, with the block device mapping lookup stubbed to
-    return none (there is no database).
+    return none (there is no database: this is the only stub).
+
+Privileged calls (``nova.privsep``: utime, ...) run in this process, which
+runs as root: the entrypoints' client mode is switched off, as nova's own
+functional tests do, instead of starting privsep daemons through
+rootwrap.
 """
 
 import json
@@ -77,6 +91,12 @@ def op_cache(conf, req):
     def fetch_func(context, target, image_id, trusted_certs=None):
         events.append({'event': 'fetch', 'target': target,
                        'image_id': image_id, 'at': time.time()})
+        if req.get('forbid_fetch'):
+            raise RuntimeError('nova tried to download image %s into %s'
+                               % (image_id, target))
+        if req.get('fetching_file'):
+            with open(req['fetching_file'], 'w') as f:
+                f.write('%f\n' % time.time())
         wait = req.get('fetch_wait')
         if wait:
             deadline = time.monotonic() + wait['timeout']
@@ -103,15 +123,41 @@ def op_cache(conf, req):
     if req.get('ready_file'):
         with open(req['ready_file'], 'w') as f:
             f.write('%f\n' % started)
-    # as the libvirt driver's _try_fetch_image_cache
-    disk.cache(fetch_func=fetch_func, context=ctx,
-               filename=imagecache.get_cache_fname(image_id),
-               image_id=image_id, size=req.get('size'),
-               trusted_certs=instance.trusted_certs)
+    error = None
+    try:
+        # as the libvirt driver's _try_fetch_image_cache
+        disk.cache(fetch_func=fetch_func, context=ctx,
+                   filename=imagecache.get_cache_fname(image_id),
+                   image_id=image_id, size=req.get('size'),
+                   trusted_certs=instance.trusted_certs)
+    except Exception as exc:
+        error = '%s: %s' % (type(exc).__name__, exc)
     return {'backend': type(disk).__name__, 'disk': disk.path,
-            'driver_format': disk.driver_format,
+            'driver_format': disk.driver_format, 'error': error,
             'fetched': [e for e in events if e['event'] == 'fetch'],
             'events': events, 'started': started, 'finished': time.time()}
+
+
+def op_hold_lock(conf, req):
+    from nova import utils
+    lock_path = os.path.join(conf.instances_path, 'locks')
+    times = {}
+
+    @utils.synchronized(req['filename'], external=True, lock_path=lock_path)
+    def held():
+        times['acquired'] = time.time()
+        with open(req['ready_file'], 'w') as f:
+            f.write('%f\n' % times['acquired'])
+        deadline = time.monotonic() + req.get('timeout', 60)
+        while not os.path.exists(req['release_file']):
+            if time.monotonic() > deadline:
+                raise RuntimeError('release_file never appeared')
+            time.sleep(0.02)
+        times['released'] = time.time()
+
+    times['requested'] = time.time()
+    held()
+    return times
 
 
 def op_update(conf, req):
@@ -137,7 +183,8 @@ def op_update(conf, req):
 def main():
     req = json.load(sys.stdin)
     conf = configure(req)
-    answer = {'cache': op_cache, 'update': op_update}[req['op']](conf, req)
+    answer = {'cache': op_cache, 'update': op_update,
+              'hold_lock': op_hold_lock}[req['op']](conf, req)
     json.dump(answer, sys.stdout)
     sys.stdout.write('\n')
 
