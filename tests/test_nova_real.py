@@ -186,6 +186,34 @@ def test_nova_builds_instance_disks_on_agent_bases_without_downloading(
     assert loops_under(env.root) == []
 
 
+@pytest.mark.parametrize('images_type', ['flat', 'raw'])
+def test_why_flat_and_raw_need_a_file_nova_copies_a_link_as_a_link(
+        real_nova, nenv, image_files, images_type):  # noqa: F811
+    """What the rule above prevents: a base linked while the agent was
+    told qcow2, then used by nova's flat or raw backend. nova's ``cp -r``
+    copies the symlink: the instance disk is a link to the read-only
+    device of the template, not a disk of its own."""
+    env = nenv
+    env.configure(DEFAULT={'template_image_handler': CHAINS['volume_linking']},
+                  libvirt={'images_type': 'qcow2'})
+    image_id = 'img-linked-' + images_type
+    env.cli('images', 'import', image_files['disk.qcow2'], '--id', image_id)
+    base = env.cli('fetch', image_id).stdout.strip().splitlines()[-1]
+    assert os.path.islink(base)
+    inst = instance(image_id, 6)
+    answer = real_nova.run(nova_request(env, 'cache', images_type,
+                                        instance=inst, forbid_fetch=True))
+    disk = answer['disk']
+    assert os.path.islink(disk) and \
+        os.path.realpath(disk) == os.path.realpath(base)
+    # and the agent sees that disk as a user of the base
+    assert row_of(env, image_id)['users'] == ['disk:' + disk]
+    proc = env.cli('remove', image_id, check=False)
+    assert proc.returncode == 1 and 'disk:' + disk in proc.stderr
+    subprocess.run(['rm', '-rf', os.path.dirname(disk)], check=True)
+    env.cli('remove', image_id)
+
+
 # -- bases nova made ----------------------------------------------------------
 @pytest.mark.parametrize('handler', sorted(CHAINS))
 def test_agent_adopts_and_keeps_the_bases_nova_made(
