@@ -1094,3 +1094,20 @@ def test_volume_linking_serves_only_qcow2_overlays(
         assert loops_under(lenv.root) == []
     assert compare(base, image_files['disk.qcow2'], 'raw', 'qcow2')
     lenv.cli('remove', 'img')
+
+
+def test_a_truncated_qcow2_never_becomes_a_template(lenv, image_files,
+                                                   tmp_path):
+    """The template volume is written by converting the image: a damaged
+    one is refused there too, leaves no volume and no link, and does not
+    fall through to downloading."""
+    cut = str(tmp_path / 'cut.qcow2')
+    shutil.copyfile(image_files['disk.qcow2'], cut)
+    os.truncate(cut, os.path.getsize(cut) // 3)
+    lenv.cli('images', 'import', cut, '--id', 'img-cut')
+    proc = lenv.cli('fetch', 'img-cut', check=False)
+    assert proc.returncode == 1
+    assert 'qemu-img check finds the qcow2 image damaged' in proc.stderr
+    assert lenv.base_files() == []
+    assert templates(lenv) == [] and lenv.cli_json('volume', 'list') == []
+    assert loops_under(tmp_path) == []
