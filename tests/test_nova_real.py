@@ -391,6 +391,60 @@ def test_the_agent_holding_the_lock_holds_off_nova(
     env.cli('remove', image_id)
 
 
+def test_a_lock_file_nova_deleted_while_the_agent_waited_is_taken_again(
+        real_nova, glance_env, glance, image_files, tmp_path):  # noqa: F811
+    """nova's cache manager deletes ``locks/nova-<sha1>`` once it removed
+    a base. The agent, waiting on the old file, must not count a lock on
+    a nameless file: whoever locks the new file (here nova again) holds
+    the agent off."""
+    env = glance_env
+    image_id = str(uuid.uuid4())
+    glance.add(image_id, image_files['disk.raw'])
+    lock = os.path.join(env.instances, 'locks', 'nova-' + sha1(image_id))
+    files = {k: str(tmp_path / k) for k in
+             ('ready-a', 'release-a', 'ready-b', 'release-b')}
+
+    def hold(tag):
+        return real_nova.start(nova_request(
+            env, 'hold_lock', filename=sha1(image_id),
+            ready_file=files['ready-' + tag],
+            release_file=files['release-' + tag]))
+
+    first = hold('a')
+    second = agent = None
+    base = os.path.join(env.base_dir, sha1(image_id))
+    try:
+        wait_for(lambda: os.path.exists(files['ready-a']), 60,
+                 'nova to hold its lock')
+        agent = start_cli(env, 'fetch', image_id)
+        # the agent has the lock file open and waits on it
+        wait_for(lambda: any(
+            os.path.realpath('/proc/%d/fd/%s' % (agent.pid, fd)) == lock
+            for fd in os.listdir('/proc/%d/fd' % agent.pid)), 30,
+            'the agent to open the lock file')
+        os.unlink(lock)                 # as nova's remove_external_lock_file
+        second = hold('b')              # a new file, locked at once
+        wait_for(lambda: os.path.exists(files['ready-b']), 60,
+                 'nova to lock the new file')
+        open(files['release-a'], 'w').close()
+        real_nova.wait(first)
+        time.sleep(1.5)
+        assert agent.poll() is None, \
+            'the agent went on while nova held the new lock file'
+        assert not os.path.lexists(base)
+    finally:
+        for name in ('release-a', 'release-b'):
+            open(files[name], 'w').close()
+        if first.returncode is None:
+            real_nova.wait(first)
+        if second is not None:
+            times = real_nova.wait(second)
+        if agent is not None:
+            finish(agent)
+    assert row_of(env, image_id)['created'] > times['released']
+    assert glance.downloads(image_id) == 1
+
+
 # -- nova's option names ------------------------------------------------------
 def test_backend_options_have_novas_names_choices_and_defaults(
         real_nova):  # noqa: F811
