@@ -39,9 +39,30 @@ def qcow2_backing_name(fd):
     return name.decode('utf-8', 'surrogateescape') if name else None
 
 
-def _backing_of(path):
+#: recorded backing names by what a file is and how it was last written:
+#: (device, inode, mtime in ns, size) -> name or None. A disk is read again
+#: only once it changed; rewriting a header (``qemu-img rebase``) changes
+#: its mtime.
+_RECORDED = {}
+_RECORDED_MAX = 200000
+
+
+def _memo_key(st):
+    return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+def recorded_backing(st, opener):
+    """The backing name recorded in the regular file whose ``stat`` is
+    ``st`` (as written, relative or not); ``opener()`` opens it (``(fd,
+    stat)``, may raise OSError or UnsafePath) and is called only when the
+    file is not known in this state yet."""
+    key = _memo_key(st)
     try:
-        fd, _ = files.open_existing(path, follow=True)
+        return _RECORDED[key]
+    except KeyError:
+        pass
+    try:
+        fd, fst = opener()
     except (OSError, errors.UnsafePath):
         return None  # gone, not a regular file (a device, a FIFO), denied
     try:
@@ -50,6 +71,23 @@ def _backing_of(path):
         return None
     finally:
         os.close(fd)
+    if _memo_key(fst) == key:  # what was read is what was looked at
+        if len(_RECORDED) >= _RECORDED_MAX:
+            _RECORDED.clear()
+        _RECORDED[key] = name
+    return name
+
+
+def _backing_of(path, st=None):
+    if st is None:
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+    if not stat.S_ISREG(st.st_mode):
+        return None
+    name = recorded_backing(
+        st, lambda: files.open_existing(path, follow=True))
     if name and not os.path.isabs(name):
         name = os.path.join(os.path.dirname(path), name)
     return name
@@ -147,7 +185,7 @@ class _Walk:
                                               depth)
             elif stat.S_ISREG(st.st_mode):
                 yield Disk(sub, files.stat_key(st),
-                           _backing_name(name, dir_fd, path))
+                           _backing_name(name, dir_fd, path, st))
             elif stat.S_ISBLK(st.st_mode):
                 yield Disk(sub, files.stat_key(st), None)
 
@@ -184,20 +222,12 @@ class _Walk:
             os.close(fd)
 
 
-def _backing_name(name, dir_fd, dir_path):
-    """The absolute backing name of the qcow2 disk ``name`` in ``dir_fd``,
-    relative names resolved as QEMU does: against the directory the disk
-    was named in."""
-    try:
-        fd, _ = files.open_existing(name, dir_fd=dir_fd, follow=True)
-    except (OSError, errors.UnsafePath):
-        return None
-    try:
-        backing = qcow2_backing_name(fd)
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
+def _backing_name(name, dir_fd, dir_path, st):
+    """The absolute backing name of the qcow2 disk ``name`` in ``dir_fd``
+    (``st``: its stat), relative names resolved as QEMU does: against the
+    directory the disk was named in."""
+    backing = recorded_backing(
+        st, lambda: files.open_existing(name, dir_fd=dir_fd, follow=True))
     if backing and not os.path.isabs(backing):
         backing = os.path.join(dir_path, backing)
     return backing
