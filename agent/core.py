@@ -523,7 +523,11 @@ class TemplateAgent:
         return self.context.image_volume_cache.evict(image_id)
 
     def status(self):
+        linkable, why = config.linked_bases_serve_nova(self.conf)
         status = {'handlers': self.chain_names,
+                  'nova_image_backend': {
+                      'backend': config.nova_image_backend(self.conf),
+                      'linked_bases_serve': linkable, 'reason': why},
                   'image_source': self.conf.image_source.driver,
                   'base_dir': self.base_dir,
                   'base_images': len(manager.base_names(self.base_dir))}

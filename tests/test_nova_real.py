@@ -65,19 +65,23 @@ def wait_for(predicate, timeout, what):
         time.sleep(0.02)
 
 
-@pytest.fixture
-def nenv(tmp_path):
-    """An agent setup; loop devices left over its files are detached at
-    the end (and fail the test)."""
-    env = AgentEnv(tmp_path, api={'socket_path': tmp_path / 'api.sock'})
+@pytest.fixture(autouse=True)
+def no_leaked_loop_devices(tmp_path):
+    """Loop devices left over a test's files are detached at the end (and
+    fail the test): the agent's own remove and prune must detach them."""
     leaked = []
     try:
-        yield env
+        yield
     finally:
         leaked = loops_under(tmp_path)
         for device in leaked:
             subprocess.run(['losetup', '-d', device], capture_output=True)
     assert leaked == [], 'loop devices left attached: %s' % leaked
+
+
+@pytest.fixture
+def nenv(tmp_path):
+    return AgentEnv(tmp_path, api={'socket_path': tmp_path / 'api.sock'})
 
 
 def nova_request(env, op, images_type='qcow2', **fields):

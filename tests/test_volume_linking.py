@@ -1084,6 +1084,10 @@ def test_volume_linking_serves_only_qcow2_overlays(
         assert 'images_type = %s' % images_type in alone.stderr
         assert not os.path.lexists(base)
 
+    backend = lenv.cli_json('status')['nova_image_backend']
+    assert backend['linked_bases_serve'] is links
+    assert backend['backend'] == {'default': 'qcow2' if use_cow_images
+                                  else 'flat'}.get(images_type, images_type)
     lenv.cli('fetch', 'img')   # the chain: volume_linking,downloading
     row, = lenv.cli_json('list')
     if links:
