@@ -7,7 +7,7 @@ for nova-compute on the same host as the agent.
 
 Set-up is the one nova's own unit tests use, without a database or any
 service: ``nova.conf.CONF`` parsed with no files, the options set, the
-versioned objects registered, privsep run in this process (we are root).
+versioned objects registered, privsep forked (see below).
 
 Requests (``op``):
 
@@ -33,10 +33,11 @@ Requests (``op``):
     context, instances)``, with the block device mapping lookup stubbed to
     return none (there is no database: this is the only stub).
 
-Privileged calls (``nova.privsep``: utime, ...) run in this process, which
-runs as root: the entrypoints' client mode is switched off, as nova's own
-functional tests do, instead of starting privsep daemons through
-rootwrap.
+Privileged calls (``nova.privsep``: utime, ...) go to a real privsep
+daemon of ``nova.privsep.sys_admin_pctxt`` with nova's capabilities,
+forked from this process (oslo.privsep's ``Method.FORK``, possible since
+the tests run as root) rather than started through sudo and
+nova-rootwrap, which are not configured on a test machine.
 """
 
 import json
@@ -66,8 +67,11 @@ def configure(req):
     from nova import objects
     objects.register_all()
     import nova.privsep
-    # privileged calls (utime, ...) run in this process: we are root
-    nova.privsep.sys_admin_pctxt.set_client_mode(False)
+    from oslo_privsep import priv_context
+    # privileged calls (utime, ...) go to a real privsep daemon with nova's
+    # capabilities, forked from this process (it runs as root) instead of
+    # started through sudo and rootwrap, which are not configured here
+    nova.privsep.sys_admin_pctxt.start(priv_context.Method.FORK)
     return conf
 
 
