@@ -976,3 +976,25 @@ def test_libvirt_volume_that_cannot_be_looked_up_makes_usage_unknown(
     rows = {r['filename']: r for r in json.loads(proc.stdout)}
     assert rows[sha1('img-used')]['users'] == ['domain:vm-known']
     assert rows[sha1('img-maybe')]['in_use'] is False
+
+
+def test_a_disk_rebased_in_place_is_read_again(env):
+    """Backing names are remembered by what a disk is and when it was last
+    written: ``qemu-img rebase -u`` rewrites the header, and the next scan
+    in the same process follows the new base, not the remembered one."""
+    from agent import config
+    from agent.hypervisor.usage import UsageScanner
+    first = nova_base(env, 'img-first', seed=1)
+    second = nova_base(env, 'img-second', seed=2)
+    disk = overlay(first, os.path.join(env.instances, 'inst-1', 'disk'))
+    # written a while ago: its header is remembered (a file written in the
+    # last seconds is read again every time)
+    os.utime(disk, (time.time() - 60, time.time() - 60))
+    scanner = UsageScanner(config.load([env.conf_path]))
+    usage = scanner.scan([first, second])
+    assert usage.users == {first: ['disk:' + disk], second: []}
+    subprocess.run(['qemu-img', 'rebase', '-u', '-f', 'qcow2', '-F', 'raw',
+                    '-b', second, disk], check=True, capture_output=True)
+    assert recorded_backing(disk) == second
+    usage = scanner.scan([first, second])
+    assert usage.users == {first: [], second: ['disk:' + disk]}

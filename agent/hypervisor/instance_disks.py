@@ -13,6 +13,7 @@ import errno
 import os
 import stat
 import struct
+import time
 
 from agent import errors, files
 
@@ -45,6 +46,7 @@ def qcow2_backing_name(fd):
 #: its mtime.
 _RECORDED = {}
 _RECORDED_MAX = 200000
+_SETTLED_SECONDS = 2
 
 
 def _memo_key(st):
@@ -71,7 +73,11 @@ def recorded_backing(st, opener):
         return None
     finally:
         os.close(fd)
-    if _memo_key(fst) == key:  # what was read is what was looked at
+    # what was read is what was looked at, and not written in the last
+    # moments: a write in the same clock tick as the one read keeps the
+    # mtime, so a file that young is read again next time
+    if _memo_key(fst) == key and \
+            time.time() - fst.st_mtime > _SETTLED_SECONDS:
         if len(_RECORDED) >= _RECORDED_MAX:
             _RECORDED.clear()
         _RECORDED[key] = name
