@@ -1115,3 +1115,23 @@ def test_a_truncated_qcow2_never_becomes_a_template(lenv, image_files,
     assert lenv.base_files() == []
     assert templates(lenv) == [] and lenv.cli_json('volume', 'list') == []
     assert loops_under(tmp_path) == []
+
+
+def test_links_made_before_nova_left_qcow2_are_reported(lenv, image_files):
+    """A base linked while nova used qcow2 stays a link when the backend
+    changes (instances may still be overlays on it): ``list`` says so and
+    what to do; once removed, the next fetch downloads."""
+    lenv.cli('images', 'import', image_files['disk.raw'], '--id', 'img')
+    base = lenv.cli('fetch', 'img').stdout.strip().splitlines()[-1]
+    assert os.path.islink(base)
+    proc = lenv.cli('list')
+    assert 'warning:' not in proc.stderr
+    lenv.configure(libvirt={'images_type': 'flat'})
+    proc = lenv.cli('list')
+    assert 'warning: base %s (image img) is a link, but nova uses the flat ' \
+        'image backend' % sha1('img') in proc.stderr, proc.stderr
+    lenv.cli('remove', 'img')
+    lenv.cli('fetch', 'img')
+    assert os.path.isfile(base) and not os.path.islink(base)
+    assert 'warning:' not in lenv.cli('list').stderr
+    lenv.cli('remove', 'img')
