@@ -311,7 +311,12 @@ def start_cli(env, *args):
 
 
 def finish(proc, timeout=120):
-    out, err = proc.communicate(timeout=timeout)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise
     assert proc.returncode == 0, err
     return out, time.time()
 
@@ -367,17 +372,22 @@ def test_the_agent_holding_the_lock_holds_off_nova(
     glance.add(image_id, image_files['disk.qcow2'], disk_format='qcow2')
     glance.fail(image_id, stall_after=4096, stall_seconds=6, times=1)
     agent = start_cli(env, 'fetch', image_id)
-    lock = os.path.join(env.instances, 'locks', 'nova-' + sha1(image_id))
-    wait_for(lambda: glance.downloads(image_id) == 1, 30,
-             'the agent to download')
-    assert os.path.exists(lock)
-    inst = instance(image_id, 5)
-    nova = real_nova.start(nova_request(env, 'cache', instance=inst,
-                                        forbid_fetch=True))
+    nova = None
     try:
+        lock = os.path.join(env.instances, 'locks', 'nova-' + sha1(image_id))
+        wait_for(lambda: glance.downloads(image_id) == 1, 30,
+                 'the agent to download')
+        assert os.path.exists(lock)
+        inst = instance(image_id, 5)
+        nova = real_nova.start(nova_request(env, 'cache', instance=inst,
+                                            forbid_fetch=True))
         finish(agent)
     finally:
-        answer = real_nova.wait(nova)
+        if agent.poll() is None:   # the test failed before it finished
+            agent.kill()
+            agent.communicate()
+        if nova is not None:
+            answer = real_nova.wait(nova)
     assert answer['fetched'] == [], 'nova downloaded a base the agent made'
     assert answer['error'] is None, answer['error']
     # nova asked for the base before the agent had published it (it would
