@@ -878,6 +878,52 @@ def test_unreadable_instance_directory_makes_usage_unknown(tmp_path):
         shutil.rmtree(root)
 
 
+def test_unreadable_disk_of_the_owner_makes_usage_unknown(tmp_path):
+    """An instance disk of the owner of instances_path whose header cannot
+    be read may be an overlay on any base: nothing is removed. A file of
+    another user (libvirt's root-owned console.log, 0600) is not nova's
+    disk and changes nothing."""
+    import pwd
+    import shutil
+    import tempfile
+    from agent import config
+    from agent.hypervisor.usage import UsageScanner
+    from tests.conftest import AgentEnv
+    root = tempfile.mkdtemp(prefix='usage-unreadable-disk-')
+    try:
+        os.chmod(root, 0o755)
+        env = AgentEnv(root)
+        base = nova_base(env, 'img-hidden', seed=1)
+        disk = overlay(base, os.path.join(env.instances, 'inst-1', 'disk'))
+        console = os.path.join(env.instances, 'inst-1', 'console.log')
+        with open(console, 'w') as f:
+            f.write('boot\n')
+        nobody = pwd.getpwnam('nobody')
+        for top, dirs, names in os.walk(env.instances):
+            for name in [top] + [os.path.join(top, n) for n in dirs + names]:
+                os.lchown(name, nobody.pw_uid, nobody.pw_gid)
+        os.chown(console, 0, 0)
+        os.chmod(console, 0o600)
+        scanner = UsageScanner(config.load([env.conf_path]))
+        os.utime(disk)   # just written: read each time, never remembered
+        with as_nobody():
+            usage = scanner.scan([base], strict=False)
+        assert usage.users[base] == ['disk:' + disk]
+        assert usage.warnings == []        # console.log is not a problem
+        os.chmod(disk, 0)
+        with as_nobody():
+            with pytest.raises(errors.UsageUnknown) as caught:
+                scanner.scan([base], strict=True)
+            usage = scanner.scan([base], strict=False)
+        assert 'instance disk %s cannot be read' % disk in str(caught.value)
+        assert usage.users[base] == [] and len(usage.warnings) == 1
+        proc = env.cli('prune', '--min-age', '0', '--yes', check=False)
+        assert proc.returncode == 1 and disk in proc.stderr, proc.stderr
+        assert os.path.isfile(base)
+    finally:
+        shutil.rmtree(root)
+
+
 # -- 8. libvirt volumes in storage pools --------------------------------------
 def write_pool_node_xml(path, pools, domains):
     """A test-driver node file with storage pools: ``pools`` is

@@ -191,7 +191,7 @@ class _Walk:
                                               depth)
             elif stat.S_ISREG(st.st_mode):
                 yield Disk(sub, files.stat_key(st),
-                           _backing_name(name, dir_fd, path, st))
+                           self._backing_name(name, dir_fd, path, sub, st))
             elif stat.S_ISBLK(st.st_mode):
                 yield Disk(sub, files.stat_key(st), None)
 
@@ -228,12 +228,26 @@ class _Walk:
             os.close(fd)
 
 
-def _backing_name(name, dir_fd, dir_path, st):
-    """The absolute backing name of the qcow2 disk ``name`` in ``dir_fd``
-    (``st``: its stat), relative names resolved as QEMU does: against the
-    directory the disk was named in."""
-    backing = recorded_backing(
-        st, lambda: files.open_existing(name, dir_fd=dir_fd, follow=True))
-    if backing and not os.path.isabs(backing):
-        backing = os.path.join(dir_path, backing)
-    return backing
+    def _backing_name(self, name, dir_fd, dir_path, path, st):
+        """The absolute backing name of the qcow2 disk ``name`` in
+        ``dir_fd`` (``st``: its stat), relative names resolved as QEMU
+        does: against the directory the disk was named in.
+
+        A file of the owner of ``instances_path`` that cannot be read may
+        be an overlay on any base: a problem, as an unreadable directory.
+        (Other users' files, such as the root-owned ``console.log``, are
+        not nova's disks.)"""
+        def opener():
+            try:
+                return files.open_existing(name, dir_fd=dir_fd, follow=True)
+            except PermissionError as exc:
+                if st.st_uid == self.owner_uid:
+                    self.problems.append(
+                        'instance disk %s cannot be read: %s'
+                        % (path, exc.strerror or exc))
+                raise
+
+        backing = recorded_backing(st, opener)
+        if backing and not os.path.isabs(backing):
+            backing = os.path.join(dir_path, backing)
+        return backing
