@@ -506,6 +506,11 @@ def status(ctx, call, fmt):
         return
     click.echo('handlers:        %s' % ','.join(info['handlers']))
     click.echo('image source:    %s' % info['image_source'])
+    nova = info['nova_image_backend']
+    click.echo('nova backend:    %s (%s)' % (
+        nova['backend'], 'linked bases serve it'
+        if nova['linked_bases_serve'] else 'bases are regular files: '
+        'volume_linking declines'))
     click.echo('base images:     %d in %s' % (info['base_images'],
                                               info['base_dir']))
     backend = info['volume_backend']

@@ -57,6 +57,19 @@ otherwise.
 Force conversion of base images to raw format, as nova's option of the same
 name. Raw bases are faster to read and can be shared as block devices.
 """),
+    cfg.BoolOpt(
+        'use_cow_images',
+        default=True,
+        help="""
+Whether nova-compute makes instance disks as copy-on-write qcow2 overlays on
+their base image, as nova's option of the same name. Keep it equal to
+nova's value: with ``[libvirt] images_type = default`` it decides which
+image backend nova uses, and so whether ``volume_linking`` may serve.
+
+Related options:
+
+* ``[libvirt] images_type``
+"""),
     cfg.IntOpt(
         'max_image_virtual_size_gb',
         default=0,
@@ -290,6 +303,36 @@ Possible values:
 
 * a libvirt URI, e.g. ``qemu:///system`` or ``test:///path/to/node.xml``
 * empty: do not ask libvirt (instance disks and open files are still checked)
+"""),
+    cfg.StrOpt(
+        'images_type',
+        default='default',
+        choices=[
+            ('raw', 'instance disks are raw copies of the base'),
+            ('flat', 'instance disks are copies of the base (raw, or '
+             'qcow2 when the base is qcow2)'),
+            ('qcow2', 'instance disks are qcow2 overlays backed by the '
+             'base'),
+            ('lvm', 'instance disks are logical volumes the base is '
+             'written into'),
+            ('rbd', 'instance disks are Ceph RBD images'),
+            ('ploop', 'instance disks are Virtuozzo ploop images'),
+            ('default', 'qcow2 when [DEFAULT] use_cow_images is True, '
+             'else flat'),
+        ],
+        help="""
+The image backend nova-compute uses for instance disks, as nova's
+``[libvirt] images_type``: keep both the same. Only where instance disks are
+qcow2 overlays on the base (``qcow2``, or ``default`` with
+``use_cow_images = True``) does a linked base (a symlink to a read-only
+block device) serve nova; with any other value the ``volume_linking``
+handler declines every image with the reason, and the next handler
+(``downloading``) prepares a regular file.
+
+Related options:
+
+* ``[DEFAULT] use_cow_images``
+* ``[DEFAULT] template_image_handler``
 """),
 ]
 
@@ -576,6 +619,45 @@ def base_dir(conf):
 
 def lock_dir(conf):
     return os.path.join(conf.instances_path, 'locks')
+
+
+def nova_image_backend(conf):
+    """The image backend nova-compute uses for instance disks: the value
+    of ``[libvirt] images_type``, with ``default`` resolved as nova does
+    (``qcow2`` when ``use_cow_images``, else ``flat``)."""
+    images_type = conf.libvirt.images_type
+    if images_type == 'default':
+        return 'qcow2' if conf.use_cow_images else 'flat'
+    return images_type
+
+
+#: why each backend but qcow2 cannot use a base that is a link to a device
+_NOT_LINKABLE = {
+    'flat': "nova copies the base into the instance disk with 'cp -r', "
+            "which copies a linked base's symlink, not its bytes",
+    'raw': "nova copies the base into the instance disk with 'cp -r', "
+           "which copies a linked base's symlink, not its bytes",
+    'lvm': 'nova writes the base into a logical volume: a link saves no '
+           'copy',
+    'rbd': 'nova imports the base into Ceph: a link saves no copy',
+    'ploop': 'nova copies the base into a ploop image: a link saves no '
+             'copy',
+}
+
+
+def linked_bases_serve_nova(conf):
+    """``(True, None)`` when nova builds instance disks as qcow2 overlays
+    backed by the base (so a base may be a link to a read-only device),
+    else ``(False, why)``."""
+    backend = nova_image_backend(conf)
+    if backend == 'qcow2':
+        return True, None
+    how = '[libvirt] images_type = %s' % conf.libvirt.images_type
+    if conf.libvirt.images_type == 'default':
+        how += ' with use_cow_images = False'
+    return False, ('nova uses the %s image backend (%s): %s; only qcow2 '
+                   'overlays can be built on a linked base'
+                   % (backend, how, _NOT_LINKABLE[backend]))
 
 
 def reference():

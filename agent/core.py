@@ -315,7 +315,19 @@ class TemplateAgent:
         entries.sort(key=lambda e: e.filename)
         paths = [os.path.join(self.base_dir, e.filename) for e in entries]
         usage = self.scanner.scan(paths, strict=False)
-        return [self.describe(e, usage) for e in entries], usage.warnings
+        return [self.describe(e, usage) for e in entries], \
+            usage.warnings + self._unservable_links(entries)
+
+    def _unservable_links(self, entries):
+        """Warnings for linked bases nova cannot use as they are (its
+        image backend changed since they were linked)."""
+        ok, why = config.linked_bases_serve_nova(self.conf)
+        if ok:
+            return []
+        return ['base %s (image %s) is a link, but %s; remove it once no '
+                'instance uses it, and the next fetch downloads it'
+                % (e.filename, e.image_id, why) for e in entries
+                if e.handler == 'volume_linking']
 
     def show_image(self, image_id):
         path = self.base_path(image_id)
@@ -417,7 +429,11 @@ class TemplateAgent:
                                         volume_writer=writer, **fields)
 
     def status(self):
+        linkable, why = config.linked_bases_serve_nova(self.conf)
         return dict({'handlers': self.chain_names,
+                     'nova_image_backend': {
+                         'backend': config.nova_image_backend(self.conf),
+                         'linked_bases_serve': linkable, 'reason': why},
                      'image_source': self.conf.image_source.driver,
                      'base_dir': self.base_dir,
                      'base_images': len(manager.base_names(self.base_dir))},

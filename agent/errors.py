@@ -118,6 +118,13 @@ class ChecksumMismatch(ImageUnacceptable):
                "was tampered with; nothing was published.")
 
 
+class ImageCorrupt(ImageUnacceptable):
+    message = ("Image %(image_id)s refused: qemu-img check finds the %(fmt)s "
+               "image damaged (%(reason)s). Converted, it would become a base "
+               "with parts silently zero-filled; nothing was published. "
+               "Upload an intact image.")
+
+
 class ImageTooLarge(ImageUnacceptable):
     message = ("Image %(image_id)s refused: virtual size %(size)d bytes is "
                "over max_image_virtual_size_gb=%(limit)d.")

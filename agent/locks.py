@@ -56,26 +56,49 @@ def base_lock(conf, filename, wait=None):
     try:
         with files.opened_dir(config.lock_dir(conf), os.geteuid(),
                               create=True) as dir_fd:
-            try:
-                fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW |
-                             os.O_NONBLOCK | os.O_CLOEXEC, 0o644,
-                             dir_fd=dir_fd)
-            except OSError as exc:
-                raise errors.UnsafePath(
-                    path=os.path.join(config.lock_dir(conf), name),
-                    reason='the lock file cannot be opened safely (%s)'
-                    % exc.strerror)
+            fd = _lock_file(conf, name, dir_fd, wait)
         try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise errors.UnsafePath(
-                    path=os.path.join(config.lock_dir(conf), name),
-                    reason='the lock file is not a regular file')
-            _acquire(fd, _try_lockf, wait)
             yield
         finally:
             os.close(fd)  # releases the lockf lock
     finally:
         thread_lock.release()
+
+
+def _lock_file(conf, name, dir_fd, wait):
+    """Open ``name`` in ``dir_fd`` and take its lock; returns the fd.
+
+    nova's cache manager deletes ``nova-<sha1>`` after it removed a base.
+    A lock taken on a file that lost its name meanwhile guards nothing
+    (the next taker creates a new file): the name is checked to still be
+    the locked file, and the whole is tried again otherwise.
+    """
+    path = os.path.join(config.lock_dir(conf), name)
+    while True:
+        try:
+            fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW |
+                         os.O_NONBLOCK | os.O_CLOEXEC, 0o644, dir_fd=dir_fd)
+        except OSError as exc:
+            raise errors.UnsafePath(
+                path=path, reason='the lock file cannot be opened safely '
+                '(%s)' % exc.strerror)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise errors.UnsafePath(
+                    path=path, reason='the lock file is not a regular file')
+            _acquire(fd, _try_lockf, wait)
+            try:
+                now = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+            except FileNotFoundError:
+                now = None
+            if now is not None and (now.st_dev, now.st_ino) == \
+                    (st.st_dev, st.st_ino):
+                return fd
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)  # unlinked or replaced while we waited: again
 
 
 def _try_lockf(fd):

@@ -8,8 +8,9 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 .venv/bin/ruff check .
 .venv/bin/pytest -q -m unit tests "$@"
-# the real peers the real tier starts: libvirtd + QEMU, Glance in its own
-# venv
+# the real peers the real tier starts: libvirtd + QEMU, Glance and nova
+# in their own venvs
 bash scripts/install-libvirtd.sh
 bash scripts/install-glance.sh
+bash scripts/install-nova.sh
 exec .venv/bin/pytest -q -rs -m real tests "$@"

@@ -40,6 +40,13 @@ def test_nova_names_and_defaults():
     assert conf.image_source.local_path == conf.state_path + '/catalog'
     assert conf.glance.num_retries == 3
     assert conf.libvirt.connection_uri == 'qemu:///system'
+    assert conf.libvirt.images_type == 'default'
+    assert conf.use_cow_images is True
+    assert config.nova_image_backend(conf) == 'qcow2'
+    conf.set_override('use_cow_images', False)
+    assert config.nova_image_backend(conf) == 'flat'
+    with pytest.raises(ValueError):
+        conf.set_override('images_type', 'vhd', group='libvirt')
 
 
 def test_later_config_files_win_and_env_fallback(tmp_path, monkeypatch):

@@ -397,3 +397,102 @@ def test_disk_filling_up_mid_stream_fails_cleanly(tiny_fs, glance, tmp_path):
     assert 'Not enough space' in stderr, stderr
     assert env.base_files() == []
     assert glance.downloads('img') == 1  # ENOSPC is never retried
+
+
+# -- structurally damaged images ----------------------------------------------
+def truncated(src, path, fraction=3):
+    """A copy of ``src`` cut to ``1/fraction`` of its size: its tables
+    point past the end of the file."""
+    shutil.copyfile(src, path)
+    os.truncate(path, os.path.getsize(path) // fraction)
+    return path
+
+
+def leak_one_cluster(src, path):
+    """A copy of qcow2 ``src`` with one leaked cluster: a cluster past the
+    old end whose refcount is 1 while nothing references it (what a crash
+    between a refcount update and the L2 write leaves)."""
+    import struct
+    shutil.copyfile(src, path)
+    with open(path, 'r+b') as f:
+        header = f.read(104)
+        version, = struct.unpack('>I', header[4:8])
+        cluster_size = 1 << struct.unpack('>I', header[20:24])[0]
+        table, = struct.unpack('>Q', header[48:56])
+        order = struct.unpack('>I', header[96:100])[0] if version >= 3 else 4
+        assert order == 4  # 16-bit refcounts, qemu-img's default
+        f.seek(table)
+        block, = struct.unpack('>Q', f.read(8))
+        cluster = -(-os.fstat(f.fileno()).st_size // cluster_size)
+        assert cluster < cluster_size // 2   # covered by the first block
+        f.seek(block + 2 * cluster)
+        f.write(struct.pack('>H', 1))
+        f.truncate((cluster + 1) * cluster_size)
+    return path
+
+
+@pytest.fixture(scope='module')
+def damaged(tmp_path_factory, image_files):
+    d = tmp_path_factory.mktemp('damaged')
+    subprocess.run(['qemu-img', 'convert', '-f', 'raw', '-O', 'vhdx',
+                    image_files['disk.raw'], str(d / 'disk.vhdx')],
+                   check=True, capture_output=True)
+    return {
+        'qcow2': truncated(image_files['disk.qcow2'], str(d / 't.qcow2')),
+        'vmdk': truncated(image_files['disk.vmdk'], str(d / 't.vmdk')),
+        'vhdx': truncated(str(d / 'disk.vhdx'), str(d / 't.vhdx')),
+        'leaky': leak_one_cluster(image_files['disk.qcow2'],
+                                  str(d / 'leaky.qcow2')),
+    }
+
+
+@pytest.mark.parametrize('force_raw', [True, False])
+@pytest.mark.parametrize('fmt', ['qcow2', 'vmdk', 'vhdx'])
+def test_truncated_image_is_refused_not_zero_filled(
+        glance_env, glance, damaged, image_files, fmt, force_raw):
+    """A truncated image whose bytes match its hash converts without an
+    error into zeros where its clusters are missing; qemu-img check finds
+    it, and nothing is published."""
+    src = damaged[fmt]
+    # what the agent used to publish: for qcow2 and vmdk, qemu-img convert
+    # succeeds and the result is not the image (vhdx's convert fails)
+    probe = os.path.join(os.path.dirname(src), 'probe-%s.raw' % fmt)
+    convert = subprocess.run(['qemu-img', 'convert', '-f', fmt, '-O', 'raw',
+                              src, probe], capture_output=True)
+    if fmt != 'vhdx':
+        assert convert.returncode == 0
+        assert not same_content(probe, image_files['disk.raw'])
+    else:
+        assert convert.returncode != 0
+    if os.path.exists(probe):
+        os.unlink(probe)
+
+    glance_env.configure(DEFAULT={'force_raw_images': force_raw})
+    glance.add('cut', src, disk_format=fmt)
+    proc = glance_env.cli('fetch', 'cut', check=False)
+    assert proc.returncode == 1, proc.stdout
+    assert 'refused: qemu-img check finds the %s image damaged' % fmt in \
+        proc.stderr, proc.stderr
+    assert 'Traceback' not in proc.stderr
+    assert glance_env.base_files() == []
+    # typed, and never retried or handed to the next handler
+    agent = glance_env.agent()
+    try:
+        with pytest.raises(errors.ImageCorrupt) as caught:
+            agent.fetch_image('cut')
+    finally:
+        agent.close()
+    assert isinstance(caught.value, errors.ImageUnacceptable)
+    assert not caught.value.falls_through
+    assert glance_env.base_files() == []
+
+
+def test_leaked_clusters_alone_are_accepted(glance_env, glance, damaged,
+                                            image_files):
+    leaky = damaged['leaky']
+    check = subprocess.run(['qemu-img', 'check', '-f', 'qcow2', leaky],
+                           capture_output=True, text=True)
+    assert check.returncode == 3 and '1 leaked clusters' in check.stdout
+    glance.add('leaky', leaky, disk_format='qcow2')
+    path = glance_env.cli('fetch', 'leaky').stdout.strip().splitlines()[-1]
+    assert same_content(path, image_files['disk.raw'])

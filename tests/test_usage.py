@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import json
 import os
+import stat
 import subprocess
 import sys
 import time
@@ -688,3 +689,358 @@ def test_prune_never_removes_files_that_are_not_bases(env):
     assert sorted(env.base_files()) == sorted(
         list(foreign) + [os.path.basename(base_named_dir)])
     assert sha1('img-dir') not in listing_here(env)
+
+
+# -- 7. instance disks in every shape a nova user can leave ------------------
+def test_instance_disks_that_are_links_to_a_base_file(env):
+    """A symlink and a hard link to a base, as instance disks: the base is
+    in use through either (compared by device and inode)."""
+    by_symlink = nova_base(env, 'img-symlinked', seed=1)
+    by_hardlink = nova_base(env, 'img-hardlinked', seed=2)
+    unused = nova_base(env, 'img-unused', seed=3)
+    os.makedirs(os.path.join(env.instances, 'inst-1'))
+    os.makedirs(os.path.join(env.instances, 'inst-2'))
+    sym_disk = os.path.join(env.instances, 'inst-1', 'disk')
+    hard_disk = os.path.join(env.instances, 'inst-2', 'disk')
+    os.symlink(by_symlink, sym_disk)
+    os.link(by_hardlink, hard_disk)
+
+    rows = listing_here(env)
+    assert rows[sha1('img-symlinked')]['users'] == ['disk:' + sym_disk]
+    assert rows[sha1('img-hardlinked')]['users'] == ['disk:' + hard_disk]
+    report = prune_here(env, min_age=0)
+    assert removed_names(report) == [os.path.basename(unused)]
+    assert os.path.isfile(by_symlink) and os.path.isfile(by_hardlink)
+
+
+def test_instance_disk_that_is_a_link_to_the_device_of_a_linked_base(
+        env, tmp_path):
+    """nova's flat and raw backends copy a base with ``cp -r``: a linked
+    base (a symlink to ``/dev/loopN``) becomes an instance disk that is a
+    symlink to the same device. That device is in use."""
+    volume = make_raw(str(tmp_path / 'volume.raw'), 1, 2, seed=4)
+    os.makedirs(env.base_dir)
+    base = os.path.join(env.base_dir, sha1('img-linked'))
+    with loop_device(volume) as dev:
+        os.symlink(dev, base)
+        disk = os.path.join(env.instances, 'inst-1', 'disk')
+        os.makedirs(os.path.dirname(disk))
+        os.symlink(dev, disk)
+
+        assert listing_here(env)[sha1('img-linked')]['users'] == [
+            'disk:' + disk]
+        report = prune(env, '--min-age', '0')
+        assert report['removed'] == []
+        assert os.path.islink(base)
+        proc = env.cli('remove', 'img-linked', check=False)
+        assert proc.returncode == 1 and 'disk:' + disk in proc.stderr
+        assert os.path.islink(base)
+
+        # the copy nova's cp makes of the base link itself
+        os.unlink(disk)
+        subprocess.run(['cp', '-r', base, disk], check=True)
+        assert os.readlink(disk) == dev
+        assert listing_here(env)[sha1('img-linked')]['users'] == [
+            'disk:' + disk]
+
+
+def test_instance_disk_that_is_a_device_node_of_a_linked_base(
+        env, tmp_path):
+    """A block device node of the linked base's device (another name of
+    the same device number) as an instance disk."""
+    volume = make_raw(str(tmp_path / 'volume.raw'), 1, 2, seed=5)
+    os.makedirs(env.base_dir)
+    base = os.path.join(env.base_dir, sha1('img-linked'))
+    with loop_device(volume) as dev:
+        os.symlink(dev, base)
+        disk = os.path.join(env.instances, 'inst-1', 'disk')
+        os.makedirs(os.path.dirname(disk))
+        os.mknod(disk, 0o600 | stat.S_IFBLK, os.stat(dev).st_rdev)
+
+        assert listing_here(env)[sha1('img-linked')]['users'] == [
+            'disk:' + disk]
+        report = prune_here(env, min_age=0)
+        assert report['removed'] == []
+        assert os.path.islink(base)
+
+
+def test_disks_in_a_symlinked_instance_directory(env, tmp_path):
+    """An instance directory that is a symlink (e.g. moved to another
+    filesystem) is followed: its overlays and links keep their bases."""
+    elsewhere = tmp_path / 'elsewhere'
+    elsewhere.mkdir()
+    overlaid = nova_base(env, 'img-overlaid', seed=1)
+    linked = nova_base(env, 'img-linked', seed=2)
+    unused = nova_base(env, 'img-unused', seed=3)
+    real_dir = elsewhere / 'inst-moved'
+    disk = overlay(overlaid, str(real_dir / 'disk'))
+    os.symlink(linked, str(real_dir / 'disk.eph0'))
+    os.symlink(str(real_dir), os.path.join(env.instances, 'inst-moved'))
+    shown = os.path.join(env.instances, 'inst-moved')
+
+    rows = listing_here(env)
+    assert rows[sha1('img-overlaid')]['users'] == [
+        'disk:' + os.path.join(shown, 'disk')]
+    assert rows[sha1('img-linked')]['users'] == [
+        'disk:' + os.path.join(shown, 'disk.eph0')]
+    report = prune(env, '--min-age', '0')
+    assert removed_names(report) == [os.path.basename(unused)]
+    assert os.path.isfile(overlaid) and os.path.isfile(linked)
+    assert os.path.isfile(disk)
+
+
+def test_symlinked_directories_into_base_locks_or_loops_are_not_followed(
+        env, tmp_path):
+    """Symlinks that lead back into ``_base`` or ``locks``, or around in a
+    loop, are not instance directories: the walk ends, and the bases in
+    ``_base`` are not their own users."""
+    base = nova_base(env, 'img-a', seed=1)
+    os.makedirs(os.path.join(env.instances, 'locks'), exist_ok=True)
+    os.symlink(env.base_dir, os.path.join(env.instances, 'inst-base'))
+    os.symlink(os.path.join(env.instances, 'locks'),
+               os.path.join(env.instances, 'inst-locks'))
+    os.symlink(env.instances, os.path.join(env.instances, 'inst-loop'))
+    nested = tmp_path / 'nested'
+    (nested / 'deeper').mkdir(parents=True)
+    os.symlink(str(nested), str(nested / 'deeper' / 'up'))
+    os.symlink(str(nested), os.path.join(env.instances, 'inst-nested'))
+
+    rows = listing_here(env)
+    assert rows[sha1('img-a')]['in_use'] is False
+    report = prune_here(env, min_age=0)
+    assert removed_names(report) == [os.path.basename(base)]
+    assert report['warnings'] == []
+
+
+@contextlib.contextmanager
+def as_nobody():
+    """Work as ``nobody`` for a moment (effective ids only): directories
+    mode 000 are unreadable then, as for the agent after it dropped to
+    nova."""
+    import pwd
+    nobody = pwd.getpwnam('nobody')
+    os.setegid(nobody.pw_gid)
+    os.seteuid(nobody.pw_uid)
+    try:
+        yield
+    finally:
+        os.seteuid(0)
+        os.setegid(0)
+
+
+def test_unreadable_instance_directory_makes_usage_unknown(tmp_path):
+    """An instance directory of the owner of instances_path that cannot be
+    read may hold a disk on any base: prune removes nothing, and list
+    warns."""
+    import tempfile
+    from tests.conftest import AgentEnv
+    # a tree ``nobody`` can walk (pytest's own tmp_path is root's, 0700)
+    root = tempfile.mkdtemp(prefix='usage-unreadable-')
+    try:
+        os.chmod(root, 0o755)
+        env = AgentEnv(root)
+        base = nova_base(env, 'img-hidden', seed=1)
+        hidden = os.path.join(env.instances, 'inst-hidden')
+        overlay(base, os.path.join(hidden, 'disk'))
+        # the tree is nobody's, as instances_path is nova's on a host
+        import pwd
+        nobody = pwd.getpwnam('nobody')
+        for top, dirs, names in os.walk(env.instances):
+            for name in [top] + [os.path.join(top, n) for n in dirs + names]:
+                os.lchown(name, nobody.pw_uid, nobody.pw_gid)
+        os.chmod(hidden, 0)
+        # the scanner as the dropped agent sees the tree (this process
+        # must not drop for good: only its effective ids change)
+        from agent import config
+        from agent.hypervisor.usage import UsageScanner
+        scanner = UsageScanner(config.load([env.conf_path]))
+        with as_nobody():
+            with pytest.raises(errors.UsageUnknown) as caught:
+                scanner.scan([base], strict=True)
+            assert hidden in str(caught.value)
+            usage = scanner.scan([base], strict=False)
+        assert usage.users[base] == []
+        assert len(usage.warnings) == 1 and hidden in usage.warnings[0]
+        # the CLI, started as root, drops to nobody (the owner) and refuses
+        for args in (('prune', '--min-age', '0', '--yes'),
+                     ('remove', 'img-hidden')):
+            proc = env.cli(*args, check=False)
+            assert proc.returncode == 1, (args, proc.stderr)
+            assert 'Cannot tell whether base images are in use' in \
+                proc.stderr and hidden in proc.stderr, proc.stderr
+            assert os.path.isfile(base)
+        proc = env.cli('list', '--format', 'json')
+        assert 'warning:' in proc.stderr and hidden in proc.stderr
+        assert json.loads(proc.stdout)[0]['in_use'] is False
+    finally:
+        os.chmod(os.path.join(root, 'instances', 'inst-hidden'), 0o755)
+        import shutil
+        shutil.rmtree(root)
+
+
+def test_unreadable_disk_of_the_owner_makes_usage_unknown(tmp_path):
+    """An instance disk of the owner of instances_path whose header cannot
+    be read may be an overlay on any base: nothing is removed. A file of
+    another user (libvirt's root-owned console.log, 0600) is not nova's
+    disk and changes nothing."""
+    import pwd
+    import shutil
+    import tempfile
+    from agent import config
+    from agent.hypervisor.usage import UsageScanner
+    from tests.conftest import AgentEnv
+    root = tempfile.mkdtemp(prefix='usage-unreadable-disk-')
+    try:
+        os.chmod(root, 0o755)
+        env = AgentEnv(root)
+        base = nova_base(env, 'img-hidden', seed=1)
+        disk = overlay(base, os.path.join(env.instances, 'inst-1', 'disk'))
+        console = os.path.join(env.instances, 'inst-1', 'console.log')
+        with open(console, 'w') as f:
+            f.write('boot\n')
+        nobody = pwd.getpwnam('nobody')
+        for top, dirs, names in os.walk(env.instances):
+            for name in [top] + [os.path.join(top, n) for n in dirs + names]:
+                os.lchown(name, nobody.pw_uid, nobody.pw_gid)
+        os.chown(console, 0, 0)
+        os.chmod(console, 0o600)
+        scanner = UsageScanner(config.load([env.conf_path]))
+        os.utime(disk)   # just written: read each time, never remembered
+        with as_nobody():
+            usage = scanner.scan([base], strict=False)
+        assert usage.users[base] == ['disk:' + disk]
+        assert usage.warnings == []        # console.log is not a problem
+        os.chmod(disk, 0)
+        with as_nobody():
+            with pytest.raises(errors.UsageUnknown) as caught:
+                scanner.scan([base], strict=True)
+            usage = scanner.scan([base], strict=False)
+        assert 'instance disk %s cannot be read' % disk in str(caught.value)
+        assert usage.users[base] == [] and len(usage.warnings) == 1
+        proc = env.cli('prune', '--min-age', '0', '--yes', check=False)
+        assert proc.returncode == 1 and disk in proc.stderr, proc.stderr
+        assert os.path.isfile(base)
+    finally:
+        shutil.rmtree(root)
+
+
+# -- 8. libvirt volumes in storage pools --------------------------------------
+def write_pool_node_xml(path, pools, domains):
+    """A test-driver node file with storage pools: ``pools`` is
+    ``[(pool, target dir, [(volume, path), ...]), ...]``."""
+    parts = ['<node>']
+    for name, target, volumes in pools:
+        parts.append("<pool type='dir'><name>%s</name><target><path>%s"
+                     "</path></target>" % (name, target))
+        for vol, vol_path in volumes:
+            parts.append("<volume type='file'><name>%s</name><key>%s</key>"
+                         "<capacity unit='bytes'>1048576</capacity><target>"
+                         "<path>%s</path></target></volume>"
+                         % (vol, vol_path, vol_path))
+        parts.append('</pool>')
+    for name, state, disks in domains:
+        parts.append(
+            "<domain type='test' "
+            "xmlns:test='http://libvirt.org/schemas/domain/test/1.0'>"
+            "<name>%s</name><memory>65536</memory><os><type>hvm</type></os>"
+            "<devices>%s</devices><test:runstate>%d</test:runstate>"
+            "</domain>" % (name, ''.join(disks), state))
+    parts.append('</node>')
+    with open(path, 'w') as f:
+        f.write('\n'.join(parts))
+    return 'test://' + os.path.abspath(path)
+
+
+def volume_disk(pool, volume, dev='vda', fmt='raw'):
+    return ("<disk type='volume' device='disk'><driver name='qemu' "
+            "type='%s'/><source pool='%s' volume='%s'/><target dev='%s'/>"
+            "</disk>" % (fmt, pool, volume, dev))
+
+
+def test_libvirt_volume_disks_resolve_through_their_pool(env, tmp_path):
+    """``<disk type='volume'>`` names a pool and a volume: the path the
+    pool gives (a base itself, an overlay on a base, or the device of a
+    linked base) decides which base is in use."""
+    pool_dir = tmp_path / 'pool'
+    pool_dir.mkdir()
+    direct = nova_base(env, 'img-direct', seed=1)
+    overlaid = nova_base(env, 'img-overlaid', seed=2)
+    unused = nova_base(env, 'img-unused', seed=3)
+    top = overlay(overlaid, str(pool_dir / 'top.qcow2'))
+    volume = make_raw(str(tmp_path / 'volume.raw'), 1, 2, seed=4)
+    linked = os.path.join(env.base_dir, sha1('img-linked'))
+    with loop_device(volume) as dev:
+        os.symlink(dev, linked)
+        uri = write_pool_node_xml(str(tmp_path / 'node.xml'), [
+            ('images', str(pool_dir), [('direct', direct),
+                                       ('top.qcow2', top),
+                                       ('dev', dev)])], [
+            ('vm-direct', SHUTOFF, [volume_disk('images', 'direct')]),
+            ('vm-overlay', RUNNING, [volume_disk('images', 'top.qcow2',
+                                                 fmt='qcow2')]),
+            ('vm-device', RUNNING, [volume_disk('images', 'dev')]),
+        ])
+        env.configure(libvirt={'connection_uri': uri})
+        rows = listing(env)
+        assert rows[sha1('img-direct')]['users'] == ['domain:vm-direct']
+        assert rows[sha1('img-overlaid')]['users'] == ['domain:vm-overlay']
+        assert rows[sha1('img-linked')]['users'] == ['domain:vm-device']
+        report = prune(env, '--min-age', '0')
+        assert removed_names(report) == [os.path.basename(unused)]
+        assert report['warnings'] == []
+        assert os.path.isfile(direct) and os.path.isfile(overlaid)
+        assert os.path.islink(linked)
+        os.unlink(linked)
+
+
+@pytest.mark.parametrize('missing', ['volume', 'pool'])
+def test_libvirt_volume_that_cannot_be_looked_up_makes_usage_unknown(
+        env, tmp_path, missing):
+    pool_dir = tmp_path / 'pool'
+    pool_dir.mkdir()
+    used = nova_base(env, 'img-used', seed=1)
+    base = nova_base(env, 'img-maybe', seed=2)
+    disk = (volume_disk('images', 'gone') if missing == 'volume'
+            else volume_disk('no-such-pool', 'direct'))
+    uri = write_pool_node_xml(str(tmp_path / 'node.xml'), [
+        ('images', str(pool_dir), [('direct', used)])], [
+        ('vm-known', RUNNING, [volume_disk('images', 'direct')]),
+        ('vm-unknown', RUNNING, [disk])])
+    env.configure(libvirt={'connection_uri': uri})
+
+    for args in (('prune', '--min-age', '0', '--yes'),
+                 ('remove', 'img-maybe')):
+        proc = env.cli(*args, check=False)
+        assert proc.returncode != 0, args
+        assert 'Cannot tell whether base images are in use' in proc.stderr
+        assert 'vm-unknown' in proc.stderr
+        assert os.path.isfile(base)
+
+    # list still tells what it knows, and warns about the rest
+    proc = env.cli('list', '--format', 'json')
+    assert 'warning:' in proc.stderr and 'vm-unknown' in proc.stderr
+    rows = {r['filename']: r for r in json.loads(proc.stdout)}
+    assert rows[sha1('img-used')]['users'] == ['domain:vm-known']
+    assert rows[sha1('img-maybe')]['in_use'] is False
+
+
+def test_a_disk_rebased_in_place_is_read_again(env):
+    """Backing names are remembered by what a disk is and when it was last
+    written: ``qemu-img rebase -u`` rewrites the header, and the next scan
+    in the same process follows the new base, not the remembered one."""
+    from agent import config
+    from agent.hypervisor.usage import UsageScanner
+    first = nova_base(env, 'img-first', seed=1)
+    second = nova_base(env, 'img-second', seed=2)
+    disk = overlay(first, os.path.join(env.instances, 'inst-1', 'disk'))
+    # written a while ago: its header is remembered (a file written in the
+    # last seconds is read again every time)
+    os.utime(disk, (time.time() - 60, time.time() - 60))
+    scanner = UsageScanner(config.load([env.conf_path]))
+    usage = scanner.scan([first, second])
+    assert usage.users == {first: ['disk:' + disk], second: []}
+    subprocess.run(['qemu-img', 'rebase', '-u', '-f', 'qcow2', '-F', 'raw',
+                    '-b', second, disk], check=True, capture_output=True)
+    assert recorded_backing(disk) == second
+    usage = scanner.scan([first, second])
+    assert usage.users == {first: [], second: ['disk:' + disk]}

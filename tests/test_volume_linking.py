@@ -1051,3 +1051,93 @@ def test_base_used_by_a_libvirt_domain_is_never_removed(lenv, image_files,
     assert lenv.base_files() == []
     assert cli_ok(lenv, 'cache', 'evict', 'inuse').startswith(
         'evicted inuse')
+
+
+# -- nova's image backend decides whether a link can serve ------------------
+@pytest.mark.parametrize('images_type,use_cow_images,links', [
+    ('qcow2', True, True),
+    ('default', True, True),
+    ('qcow2', False, True),      # use_cow_images only matters for default
+    ('default', False, False),   # = flat
+    ('flat', True, False),
+    ('raw', True, False),
+    ('lvm', True, False),
+    ('rbd', True, False),
+    ('ploop', True, False),
+])
+def test_volume_linking_serves_only_qcow2_overlays(
+        lenv, image_files, images_type, use_cow_images, links):
+    """Only where nova builds instance disks as qcow2 overlays on the base
+    is a base linked; elsewhere the handler declines with a reason naming
+    the backend and downloading prepares a regular file."""
+    lenv.configure(DEFAULT={'use_cow_images': use_cow_images},
+                   libvirt={'images_type': images_type})
+    lenv.cli('images', 'import', image_files['disk.qcow2'], '--id', 'img')
+    base = os.path.join(lenv.base_dir, sha1('img'))
+
+    alone = lenv.cli('fetch', 'img', '--handler', 'volume_linking',
+                     check=False)
+    if links:
+        assert alone.returncode == 0, alone.stderr
+        assert os.path.islink(base)
+        assert stat.S_ISBLK(os.stat(base).st_mode)
+        lenv.cli('remove', 'img')
+    else:
+        assert alone.returncode == 1, alone.stderr
+        backend = 'flat' if images_type == 'default' else images_type
+        assert 'volume_linking: nova uses the %s image backend' % backend \
+            in alone.stderr, alone.stderr
+        assert 'images_type = %s' % images_type in alone.stderr
+        assert not os.path.lexists(base)
+
+    backend = lenv.cli_json('status')['nova_image_backend']
+    assert backend['linked_bases_serve'] is links
+    assert backend['backend'] == {'default': 'qcow2' if use_cow_images
+                                  else 'flat'}.get(images_type, images_type)
+    lenv.cli('fetch', 'img')   # the chain: volume_linking,downloading
+    row, = lenv.cli_json('list')
+    if links:
+        assert row['handler'] == 'volume_linking' and os.path.islink(base)
+    else:
+        assert row['handler'] == 'downloading'
+        assert os.path.isfile(base) and not os.path.islink(base)
+        assert loops_under(lenv.root) == []
+    assert compare(base, image_files['disk.qcow2'], 'raw', 'qcow2')
+    lenv.cli('remove', 'img')
+
+
+def test_a_truncated_qcow2_never_becomes_a_template(lenv, image_files,
+                                                   tmp_path):
+    """The template volume is written by converting the image: a damaged
+    one is refused there too, leaves no volume and no link, and does not
+    fall through to downloading."""
+    cut = str(tmp_path / 'cut.qcow2')
+    shutil.copyfile(image_files['disk.qcow2'], cut)
+    os.truncate(cut, os.path.getsize(cut) // 3)
+    lenv.cli('images', 'import', cut, '--id', 'img-cut')
+    proc = lenv.cli('fetch', 'img-cut', check=False)
+    assert proc.returncode == 1
+    assert 'qemu-img check finds the qcow2 image damaged' in proc.stderr
+    assert lenv.base_files() == []
+    assert templates(lenv) == [] and lenv.cli_json('volume', 'list') == []
+    assert loops_under(tmp_path) == []
+
+
+def test_links_made_before_nova_left_qcow2_are_reported(lenv, image_files):
+    """A base linked while nova used qcow2 stays a link when the backend
+    changes (instances may still be overlays on it): ``list`` says so and
+    what to do; once removed, the next fetch downloads."""
+    lenv.cli('images', 'import', image_files['disk.raw'], '--id', 'img')
+    base = lenv.cli('fetch', 'img').stdout.strip().splitlines()[-1]
+    assert os.path.islink(base)
+    proc = lenv.cli('list')
+    assert 'warning:' not in proc.stderr
+    lenv.configure(libvirt={'images_type': 'flat'})
+    proc = lenv.cli('list')
+    assert 'warning: base %s (image img) is a link, but nova uses the flat ' \
+        'image backend' % sha1('img') in proc.stderr, proc.stderr
+    lenv.cli('remove', 'img')
+    lenv.cli('fetch', 'img')
+    assert os.path.isfile(base) and not os.path.islink(base)
+    assert 'warning:' not in lenv.cli('list').stderr
+    lenv.cli('remove', 'img')

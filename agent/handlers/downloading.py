@@ -67,6 +67,10 @@ class DownloadingTemplateImageHandler(BaseTemplateImageHandler):
             """Runs while the hash finishes; returns what to publish."""
             part = made[0]
             if not (self.conf.force_raw_images and fmt != 'raw'):
+                # published as it is: nova's qemu reads its tables
+                qemu_img.check(qemu_img.fd_path(part[0]), fmt, image.id,
+                               pass_fds=(part[0],),
+                               size=os.fstat(part[0]).st_size)
                 os.fsync(part[0])
                 return part
             self._check_space(image, virtual_size, dir_fd)
@@ -76,7 +80,8 @@ class DownloadingTemplateImageHandler(BaseTemplateImageHandler):
                 qemu_img.fd_path(part[0]), fmt,
                 qemu_img.fd_path(converted[0]), image.id,
                 existing_target=True, pass_fds=(part[0], converted[0]),
-                virtual_size=virtual_size)
+                virtual_size=virtual_size,
+                source_size=os.fstat(part[0]).st_size)
             os.fsync(converted[0])
             return converted
 

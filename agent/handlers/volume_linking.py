@@ -18,7 +18,7 @@ serve. ``init`` re-attaches every linked base after a restart or a reboot
 import os
 import stat
 
-from agent import errors, files, locks
+from agent import config, errors, files, locks
 from agent.cache.index import BaseImage
 from agent.handlers.base import BaseTemplateImageHandler
 from agent.images import download
@@ -50,6 +50,9 @@ class VolumeLinkingTemplateImageHandler(BaseTemplateImageHandler):
         return True, None
 
     def can_serve(self, image, project_id=None):
+        ok, why = config.linked_bases_serve_nova(self.conf)
+        if not ok:
+            return False, why
         try:
             self.backend.capabilities()
         except errors.AgentError as exc:

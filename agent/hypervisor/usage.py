@@ -11,6 +11,7 @@ and a QEMU holding that device all resolve to the same base.
 import collections
 import dataclasses
 import os
+import stat
 
 from agent import config, errors, identity
 from agent.files import stat_key
@@ -22,6 +23,52 @@ def path_key(path):
         return stat_key(os.stat(path))
     except OSError:
         return None
+
+
+class _Paths:
+    """What one scan learnt about paths: each is stat'ed, and each chain
+    read, once, however many domains and disks name it (a domain's disk is
+    usually also an instance disk, and a thousand overlays share a few
+    bases)."""
+
+    def __init__(self):
+        self._stats = {}
+        self._chains = {}
+
+    def stat(self, path):
+        try:
+            return self._stats[path]
+        except KeyError:
+            try:
+                st = os.stat(path)
+            except OSError:
+                st = None
+            self._stats[path] = st
+            return st
+
+    def key(self, path):
+        st = self.stat(path)
+        return stat_key(st) if st is not None else None
+
+    def backing(self, path):
+        st = self.stat(path)
+        if st is None:
+            return None
+        return instance_disks._backing_of(path, st)
+
+    def chain(self, path, first=None):
+        """The backing chain below ``path`` (top first); ``first``: its
+        backing name when the caller read it already."""
+        if path in self._chains:
+            return self._chains[path]
+        chain = []
+        backing = first if first is not None else self.backing(path)
+        while backing and len(chain) < instance_disks.MAX_CHAIN_DEPTH \
+                and backing not in chain:
+            chain.append(backing)
+            backing = self.backing(backing)
+        self._chains[path] = chain
+        return chain
 
 
 @dataclasses.dataclass
@@ -37,59 +84,92 @@ class UsageScanner:
     def __init__(self, conf):
         self.conf = conf
 
-    def _references(self, warnings, strict):
-        """``(user, path)`` pairs from libvirt and the instance disks."""
+    def _references(self, problems):
+        """``(user, path, key)`` from libvirt and the instance disks;
+        ``key`` is what ``path`` is (``stat_key``), None when it names
+        nothing (yet). What cannot be read goes to ``problems``."""
         refs = []
+        paths = _Paths()
+
+        def chain(user, path, first=None):
+            for backing in paths.chain(path, first):
+                refs.append((user, backing, paths.key(backing)))
+
         uri = self.conf.libvirt.connection_uri
         if uri:
             try:
-                for name, path in libvirt_domains.domain_disk_paths(uri):
-                    refs.append(('domain:%s' % name, path))
-                    for backing in instance_disks.backing_chain(path):
-                        refs.append(('domain:%s' % name, backing))
+                for name, path in libvirt_domains.domain_disk_paths(
+                        uri, problems):
+                    refs.append(('domain:%s' % name, path, paths.key(path)))
+                    chain('domain:%s' % name, path)
             except errors.UsageUnknown as exc:
-                if strict:
-                    raise
-                warnings.append(str(exc))
+                problems.append(exc.kwargs.get('reason') or str(exc))
         skip = [config.base_dir(self.conf), config.lock_dir(self.conf)]
         if os.path.isdir(self.conf.instances_path):
             for disk in instance_disks.instance_disks(
-                    self.conf.instances_path, skip):
-                refs.append(('disk:%s' % disk, disk))  # a disk that is a base
-                for backing in instance_disks.backing_chain(disk):
-                    refs.append(('disk:%s' % disk, backing))
+                    self.conf.instances_path, skip, problems):
+                user = 'disk:%s' % disk.path
+                # a disk that is a base (a link, a hard link, its device)
+                refs.append((user, disk.path, disk.key))
+                if disk.backing:
+                    chain(user, disk.path, disk.backing)
         return refs
 
     def scan(self, base_paths, strict=True):
         """Users of each of ``base_paths``.
 
-        :param strict: raise UsageUnknown when a source of usage (libvirt)
-            cannot be asked; with False, report it in ``warnings`` instead.
-            Anything that removes bases must scan strictly.
+        :param strict: raise UsageUnknown when a source of usage (libvirt,
+            a storage pool, an instance directory) cannot be read; with
+            False, report it in ``warnings`` instead. Anything that removes
+            bases must scan strictly.
         """
         users = collections.defaultdict(set)
-        warnings = []
+        problems = []
         # several names can be one base (hard links, two links to one
         # device): every name of what a user points at is in use
         by_key = collections.defaultdict(list)
         by_name = collections.defaultdict(list)
+        real_dirs = {}
         for base in base_paths:
-            key = path_key(base)
+            try:
+                lst = os.lstat(base)
+            except OSError:
+                lst = None
+            link = lst is not None and stat.S_ISLNK(lst.st_mode)
+            key = path_key(base) if link else (
+                stat_key(lst) if lst is not None else None)
             if key:
                 by_key[key].append(base)
-            by_name[os.path.normpath(os.path.abspath(base))].append(base)
-            by_name[os.path.realpath(base)].append(base)
+            name = os.path.normpath(os.path.abspath(base))
+            by_name[name].append(base)
+            if link or lst is None:
+                by_name[os.path.realpath(base)].append(base)
+            else:
+                # a file in _base: only its directory can be spelt
+                # otherwise, and all bases share one
+                parent, leaf = os.path.split(name)
+                if parent not in real_dirs:
+                    real_dirs[parent] = os.path.realpath(parent)
+                real = os.path.join(real_dirs[parent], leaf)
+                if real != name:
+                    by_name[real].append(base)
         if base_paths:
-            for user, path in self._references(warnings, strict):
-                bases = by_key.get(path_key(path)) or by_name.get(
-                    os.path.normpath(os.path.abspath(path)), ())
-                for base in bases:
+            refs = self._references(problems)
+            if problems and strict:
+                raise errors.UsageUnknown(reason='; '.join(problems))
+            for user, path, key in refs:
+                # by what it is; by name only when it names nothing now (a
+                # link to a device not attached yet)
+                bases = by_key.get(key) if key else (
+                    by_name.get(os.path.normpath(os.path.abspath(path))) or
+                    by_name.get(os.path.realpath(path)))
+                for base in bases or ():
                     users[base].add(user)
             for pid, name, key in _open_file_holders(by_key):
                 for base in by_key.get(tuple(key), ()):
                     users[base].add('process:%d(%s)' % (pid, name))
         return Usage({b: sorted(users.get(b, ())) for b in base_paths},
-                     warnings)
+                     problems)
 
 
 def _open_file_holders(by_key):
