@@ -1,0 +1,470 @@
+"""Attacks by the owner of ``instances_path`` on the agent running as root.
+
+The attacker is an unprivileged user (created for the session) that owns
+``$instances_path``, as ``nova`` does on a hypervisor: it may plant
+symlinks, FIFOs and files there, swap ``_base`` and ``locks/`` and race the
+agent from its own process. The agent is started as root, both as the CLI
+(``--direct``) and as the real service (``template-agent serve``). Each test
+plants a root-owned victim (known content, mode, owner, times) out of the
+attacker's reach and checks after the attack that:
+
+- the victim is unchanged (content, mode, owner, mtime), and so is every
+  root-owned directory the attacker pointed the agent at;
+- no root-owned file appeared anywhere (the agent works as the owner);
+- no victim byte is in any file under ``instances_path``;
+- the agent answered with a clear error or succeeded safely, in bounded
+  time (every call has a timeout).
+
+Each test says which behaviour of the code before privilege separation
+(commit a55caa0, which worked as root on names) it catches.
+"""
+
+import contextlib
+import hashlib
+import json
+import os
+import pwd
+import random
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import pytest
+
+from tests.conftest import REPO, AgentEnv, make_raw, same_content
+from tests.glance_standin import GlanceStandIn
+from tests.test_service import Service
+
+MiB = 1024 * 1024
+OP_TIMEOUT = 60          # seconds any single agent call may take
+RACE_SECONDS = 20        # upper bound of an attacker's race loop
+TOKEN = hashlib.sha1(b'template-agent victim').hexdigest().encode()
+VICTIM_DATA = (b'ROOT-ONLY-VICTIM-' + TOKEN + b'\n') * 1200   # ~70 KiB
+OLD_TIME = 1000000000    # 2001: any touch of a victim shows
+
+
+def sha1(image_id):
+    return hashlib.sha1(image_id.encode()).hexdigest()
+
+
+# -- the attacker ------------------------------------------------------------
+
+@pytest.fixture(scope='session')
+def attacker():
+    """A dedicated unprivileged user, removed after the session."""
+    name = 'tattack%d' % (os.getpid() % 100000)
+    subprocess.run(['userdel', name], capture_output=True)
+    for _ in range(20):  # /etc/passwd may be locked by a concurrent useradd
+        proc = subprocess.run(
+            ['useradd', '--system', '--no-create-home', '--user-group',
+             '--shell', '/usr/sbin/nologin', name], capture_output=True,
+            text=True)
+        if proc.returncode == 0:
+            break
+        time.sleep(0.5)
+    else:
+        pytest.fail('useradd %s failed: %s' % (name, proc.stderr))
+    try:
+        yield pwd.getpwnam(name)
+    finally:
+        for _ in range(20):
+            if subprocess.run(['userdel', name], capture_output=True) \
+                    .returncode in (0, 6):  # 6: no such user
+                break
+            time.sleep(0.5)
+        subprocess.run(['groupdel', name], capture_output=True)
+
+
+def _demote(user):
+    def demote():
+        os.setgroups([])
+        os.setgid(user.pw_gid)
+        os.setuid(user.pw_uid)
+    return demote
+
+
+# The attacker's race loops, run as the attacker in its own process until
+# ``seconds`` pass or ``stop_file`` appears; each prints how many times it
+# got its plant in place.
+RACER = r'''
+import json, os, sys, time
+spec = json.loads(sys.argv[1])
+deadline = time.monotonic() + spec['seconds']
+stop = spec['stop_file']
+def done():
+    return time.monotonic() > deadline or os.path.exists(stop)
+def quietly(fn, *args):
+    try:
+        fn(*args)
+        return True
+    except OSError:
+        return False
+n = 0
+mode = spec['mode']
+if mode == 'symlink':        # keep each name a symlink to target
+    while not done():
+        for name in spec['names']:
+            try:
+                if os.readlink(name) == spec['target']:
+                    continue
+            except OSError:
+                pass
+            tmp = name + '.attack'
+            quietly(os.unlink, tmp)
+            if quietly(os.symlink, spec['target'], tmp) and \
+                    quietly(os.rename, tmp, name):
+                n += 1
+        time.sleep(0.0002)
+elif mode == 'replace':      # keep each name a hard link to source
+    while not done():
+        for name in spec['names']:
+            try:
+                st, src = os.lstat(name), os.stat(spec['source'])
+                if (st.st_ino, st.st_dev) == (src.st_ino, src.st_dev):
+                    continue
+            except OSError:
+                pass
+            tmp = name + '.attack'
+            quietly(os.unlink, tmp)
+            if quietly(os.link, spec['source'], tmp) and \
+                    quietly(os.rename, tmp, name):
+                n += 1
+        time.sleep(0.0005)
+elif mode == 'swapdir':      # swap each directory for a symlink and back
+    while not done():
+        for d in spec['names']:
+            aside = d + '.real'
+            if quietly(os.rename, d, aside):
+                quietly(os.symlink, spec['target'], d)
+                time.sleep(0.003)
+                quietly(os.unlink, d)
+                if quietly(os.rename, aside, d):
+                    n += 1
+        time.sleep(0.003)
+    for d in spec['names']:  # leave the real directories in place
+        aside = d + '.real'
+        if os.path.islink(d):
+            quietly(os.unlink, d)
+        if os.path.isdir(aside):
+            if not quietly(os.rename, aside, d):
+                # the agent made a new one meanwhile: keep the old content
+                for name in os.listdir(aside):
+                    quietly(os.rename, os.path.join(aside, name),
+                            os.path.join(d, name))
+                quietly(os.rmdir, aside)
+print(n)
+'''
+
+
+class Racer:
+    """An attacker process racing the agent, stopped in ``finally``."""
+
+    def __init__(self, world, mode, names, as_root=False, **spec):
+        self.stop_file = os.path.join(world.attacker_dir, 'stop-%s' % mode)
+        spec.update(mode=mode, names=names, seconds=RACE_SECONDS,
+                    stop_file=self.stop_file)
+        self.proc = subprocess.Popen(
+            [sys.executable, '-c', RACER, json.dumps(spec)],
+            preexec_fn=None if as_root else _demote(world.user), cwd='/',
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.planted = None
+
+    def stop(self):
+        with open(self.stop_file, 'w'):
+            pass
+        try:
+            out, err = self.proc.communicate(timeout=RACE_SECONDS + 10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            out, err = self.proc.communicate()
+        os.unlink(self.stop_file)
+        assert self.proc.returncode == 0, err
+        self.planted = int(out.strip() or 0)
+        return self.planted
+
+
+@contextlib.contextmanager
+def racing(world, mode, names, **spec):
+    racer = Racer(world, mode, names, **spec)
+    try:
+        yield racer
+    finally:
+        if racer.planted is None:
+            if racer.proc.poll() is None:
+                racer.stop()
+            else:
+                racer.proc.wait()
+
+
+def as_attacker(world, *argv):
+    """Run a command as the attacker (to plant files as it would)."""
+    subprocess.run(list(argv), preexec_fn=_demote(world.user), check=True,
+                   capture_output=True, timeout=60, cwd='/')
+
+
+# -- the world: instances_path owned by the attacker, victims owned by root
+
+class World:
+    def __init__(self, top, user, glance):
+        self.top = top
+        self.user = user
+        self.glance = glance
+        self.env = AgentEnv(top, instances=os.path.join(top, 'instances'))
+        self.env.configure(
+            image_source={'driver': 'glance'},
+            glance={'api_servers': glance.url, 'read_timeout': 30},
+            image_cache={'manager_interval': -1})
+        self.instances = self.env.instances
+        self.base_dir = self.env.base_dir
+        self.lock_dir = os.path.join(self.instances, 'locks')
+        for d in (self.instances, self.base_dir, self.lock_dir):
+            os.makedirs(d, exist_ok=True)
+            os.chown(d, user.pw_uid, user.pw_gid)
+        # files the attacker may read (its own copies of things)
+        self.attacker_dir = os.path.join(top, 'attacker')
+        os.mkdir(self.attacker_dir)
+        os.chown(self.attacker_dir, user.pw_uid, user.pw_gid)
+        # root's secrets, out of the attacker's reach
+        self.private_dir = os.path.join(top, 'root-private')
+        os.mkdir(self.private_dir, 0o700)
+        self.victim = os.path.join(self.private_dir, 'secret')
+        self._write_victim(self.victim, VICTIM_DATA, 0o600)
+        # a root-owned directory others can read (as /etc), holding files
+        # named like bases: the target of a swapped _base or locks/
+        self.root_dir = os.path.join(top, 'root-public')
+        os.mkdir(self.root_dir, 0o755)
+        for image_id in ('img', 'other', 'third'):
+            self._write_victim(os.path.join(self.root_dir, sha1(image_id)),
+                               VICTIM_DATA, 0o644)
+        self._write_victim(os.path.join(self.root_dir, 'shadow'),
+                           VICTIM_DATA, 0o600)
+        self.victims = [self.victim] + [
+            os.path.join(self.root_dir, n) for n in os.listdir(self.root_dir)]
+        self.baseline = self.snapshot()
+
+    @staticmethod
+    def _write_victim(path, data, mode):
+        with open(path, 'wb') as f:
+            f.write(data)
+        os.chmod(path, mode)
+        os.utime(path, (OLD_TIME, OLD_TIME))
+
+    def victim_inodes(self):
+        keys = set()
+        for path in self.victims:
+            with contextlib.suppress(FileNotFoundError):
+                st = os.lstat(path)
+                keys.add((st.st_dev, st.st_ino))
+        return keys
+
+    def snapshot(self):
+        """What must never change: every victim file (content, mode,
+        owner, mtime), the listings of root's directories."""
+        state = {}
+        for path in self.victims:
+            st = os.lstat(path)
+            with open(path, 'rb') as f:
+                digest = hashlib.sha256(f.read()).hexdigest()
+            state[path] = (digest, stat.S_IMODE(st.st_mode),
+                           stat.S_IFMT(st.st_mode), st.st_uid, st.st_gid,
+                           st.st_mtime_ns)
+        for d in (self.private_dir, self.root_dir):
+            st = os.lstat(d)
+            state[d] = (sorted(os.listdir(d)), stat.S_IMODE(st.st_mode),
+                        st.st_uid)
+        return state
+
+    def root_owned(self):
+        """Every path under the test's top directory that belongs to root
+        (victims' other names aside)."""
+        victims = self.victim_inodes()
+        found = set()
+        for root, dirs, names in os.walk(self.top):
+            for name in dirs + names:
+                path = os.path.join(root, name)
+                with contextlib.suppress(FileNotFoundError):
+                    st = os.lstat(path)
+                    if st.st_uid == 0 and \
+                            (st.st_dev, st.st_ino) not in victims:
+                        found.add(path)
+        return found
+
+    def files_with_victim_bytes(self):
+        """Regular files under instances_path (not the victim's own other
+        names) whose content holds victim bytes."""
+        victims = self.victim_inodes()
+        found = []
+        for root, dirs, names in os.walk(self.instances):
+            for name in names:
+                path = os.path.join(root, name)
+                try:
+                    st = os.lstat(path)
+                    if not stat.S_ISREG(st.st_mode) or \
+                            (st.st_dev, st.st_ino) in victims:
+                        continue
+                    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW |
+                                 os.O_NONBLOCK)
+                except OSError:
+                    continue
+                with os.fdopen(fd, 'rb') as f:
+                    if TOKEN in f.read():
+                        found.append(path)
+        return found
+
+    def check(self, root_owned_before):
+        """The invariants every attack must leave intact."""
+        assert self.snapshot() == self.baseline, 'a victim changed'
+        assert self.files_with_victim_bytes() == [], \
+            'victim bytes under instances_path'
+        new = self.root_owned() - root_owned_before
+        assert not new, 'root-owned files appeared: %s' % sorted(new)
+
+    # -- the agent, as root ---------------------------------------------
+    def cli(self, *args, timeout=OP_TIMEOUT):
+        """``template-agent --direct ARGS`` as root; (rc, stdout, stderr)."""
+        try:
+            proc = subprocess.run(
+                [sys.executable, '-m', 'agent.cli', '--config-file',
+                 self.env.conf_path, '--direct'] + [str(a) for a in args],
+                capture_output=True, text=True, timeout=timeout,
+                env=dict(os.environ, PYTHONPATH=REPO))
+        except subprocess.TimeoutExpired:
+            pytest.fail('template-agent --direct %s hung for %d s'
+                        % (' '.join(map(str, args)), timeout))
+        assert 'Traceback' not in proc.stderr, proc.stderr
+        return proc.returncode, proc.stdout, proc.stderr
+
+
+@pytest.fixture
+def glance():
+    with GlanceStandIn() as server:
+        yield server
+
+
+@pytest.fixture
+def world(attacker, glance):
+    """A top directory others can enter (pytest's are 0700): the agent
+    works there as the attacker once it dropped root."""
+    top = tempfile.mkdtemp(prefix='agent-attack-', dir='/tmp')
+    try:
+        os.chmod(top, 0o755)
+        yield World(top, attacker, glance)
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
+
+
+@pytest.fixture(scope='session')
+def images(tmp_path_factory):
+    """A qcow2 image (converted to raw on fetch) and its raw content."""
+    d = tmp_path_factory.mktemp('attack-images')
+    raw = make_raw(str(d / 'disk.raw'), data_mib=3, total_mib=8, seed=7)
+    subprocess.run(['qemu-img', 'convert', '-f', 'raw', '-O', 'qcow2', raw,
+                    str(d / 'disk.qcow2')], check=True, capture_output=True)
+    return {'raw': raw, 'qcow2': str(d / 'disk.qcow2')}
+
+
+@pytest.fixture
+def service(world):
+    svc = Service(world.env)
+    try:
+        yield svc
+    finally:
+        svc.stop(signal.SIGKILL if svc.proc and svc.proc.poll() is None
+                 else signal.SIGTERM)
+        svc.notify.close()
+
+
+def call(svc, method, path, body=None):
+    """One API call, bounded: ``(status, payload)``."""
+    data = json.dumps(body).encode() if body is not None else None
+    try:
+        return svc.raw(method, path, data,
+                       {'Content-Type': 'application/json'} if data else {})
+    except OSError as exc:  # socket.timeout included
+        pytest.fail('%s %s did not answer: %s\n%s' % (method, path, exc,
+                                                       svc.log()))
+
+
+def service_fetch(svc, image_id, timeout=OP_TIMEOUT):
+    """POST a fetch job and follow it: the finished job."""
+    status, job = call(svc, 'POST', '/v1/images/%s/fetch' % image_id, {})
+    assert status == 202, job
+    deadline = time.monotonic() + timeout
+    while job['state'] == 'running':
+        if time.monotonic() > deadline:
+            pytest.fail('fetch of %s hung for %d s' % (image_id, timeout))
+        status, job = call(svc, 'GET', '/v1/jobs/%s?wait=1' % job['id'])
+    return job
+
+
+def start_service(world, svc):
+    svc.start()
+    return svc
+
+
+def base_path(world, image_id):
+    return os.path.join(world.base_dir, sha1(image_id))
+
+
+def assert_good_base(world, image_id, images):
+    path = base_path(world, image_id)
+    st = os.lstat(path)
+    assert stat.S_ISREG(st.st_mode), path
+    assert st.st_uid == world.user.pw_uid
+    assert same_content(path, images['raw'])
+
+
+def fetch(world, svc, via, image_id):
+    """Fetch as the CLI (--direct) or through the service: ``(ok, error
+    message)``."""
+    if via == 'cli':
+        rc, out, err = world.cli('fetch', image_id)
+        return rc == 0, err.strip()
+    job = service_fetch(svc, image_id)
+    if job['state'] == 'succeeded':
+        return True, ''
+    return False, '%s: %s' % (job['error']['type'], job['error']['message'])
+
+
+# -- 1. links planted at the temporary names -----------------------------
+
+@pytest.mark.parametrize('suffix', ['.part', '.converted'])
+@pytest.mark.parametrize('plant', ['symlink', 'hardlink'])
+@pytest.mark.parametrize('via', ['cli', 'service'])
+def test_links_planted_at_temporary_names_are_never_followed(
+        world, images, service, via, plant, suffix):
+    # Old behaviour caught: the download was written to _base/<sha1>.part
+    # by name (O_CREAT | O_TRUNC, following a symlink) and qemu-img wrote
+    # _base/<sha1>.converted by name, both as root, and .converted was then
+    # renamed to the base: a link planted there after the leftover cleanup
+    # made root overwrite the victim with the image and publish a
+    # root-owned base. Now both files have no name (O_TMPFILE) and the
+    # agent works as the owner: nothing planted is ever opened.
+    world.glance.add('img', images['qcow2'], disk_format='qcow2')
+    world.glance.fail('img', stall_after=MiB, stall_seconds=2, times=1)
+    if via == 'service':
+        start_service(world, service)
+    before = world.root_owned()
+    names = [os.path.join(world.base_dir, sha1('img') + suffix)]
+    if plant == 'symlink':
+        racer = Racer(world, 'symlink', names, target=world.victim)
+    else:
+        # fs.protected_hardlinks (on by default) keeps the attacker from
+        # linking a file it cannot read and write; a root process plants
+        # the hard links instead, standing for a host without that
+        # protection
+        racer = Racer(world, 'replace', names, source=world.victim,
+                      as_root=True)
+    try:
+        ok, error = fetch(world, service, via, 'img')
+    finally:
+        planted = racer.stop()
+    world.check(before)
+    assert ok, error
+    assert planted > 0, 'the attacker never got its link in place'
+    assert_good_base(world, 'img', images)
