@@ -106,6 +106,7 @@ def quietly(fn, *args):
         return False
 n = 0
 mode = spec['mode']
+open(stop + '.ready', 'w').close()
 if mode == 'symlink':        # keep each name a symlink to target
     while not done():
         for name in spec['names']:
@@ -136,27 +137,26 @@ elif mode == 'replace':      # keep each name a hard link to source
                 n += 1
         time.sleep(0.0005)
 elif mode == 'swapdir':      # swap each directory for a symlink and back
+    def put_back(d, aside):
+        if os.path.islink(d):
+            quietly(os.unlink, d)
+        if os.path.isdir(aside) and not quietly(os.rename, aside, d):
+            # the agent made a new one meanwhile: keep the old content
+            for name in os.listdir(aside):
+                quietly(os.rename, os.path.join(aside, name),
+                        os.path.join(d, name))
+            quietly(os.rmdir, aside)
     while not done():
         for d in spec['names']:
             aside = d + '.real'
             if quietly(os.rename, d, aside):
-                quietly(os.symlink, spec['target'], d)
-                time.sleep(0.003)
-                quietly(os.unlink, d)
-                if quietly(os.rename, aside, d):
+                if quietly(os.symlink, spec['target'], d):
                     n += 1
+                time.sleep(0.003)
+            put_back(d, aside)
         time.sleep(0.003)
     for d in spec['names']:  # leave the real directories in place
-        aside = d + '.real'
-        if os.path.islink(d):
-            quietly(os.unlink, d)
-        if os.path.isdir(aside):
-            if not quietly(os.rename, aside, d):
-                # the agent made a new one meanwhile: keep the old content
-                for name in os.listdir(aside):
-                    quietly(os.rename, os.path.join(aside, name),
-                            os.path.join(d, name))
-                quietly(os.rmdir, aside)
+        put_back(d, d + '.real')
 print(n)
 '''
 
@@ -173,6 +173,12 @@ class Racer:
             preexec_fn=None if as_root else _demote(world.user), cwd='/',
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.planted = None
+        deadline = time.monotonic() + 30
+        while not os.path.exists(self.stop_file + '.ready'):
+            assert self.proc.poll() is None and time.monotonic() < deadline, \
+                self.proc.communicate()
+            time.sleep(0.01)
+        os.unlink(self.stop_file + '.ready')
 
     def stop(self):
         with open(self.stop_file, 'w'):
@@ -280,18 +286,19 @@ class World:
         return state
 
     def root_owned(self):
-        """Every path under the test's top directory that belongs to root
-        (victims' other names aside)."""
+        """Every file under the test's top directory that belongs to root
+        (victims aside), as ``{(device, inode): path}``: renaming a
+        directory does not make its files new."""
         victims = self.victim_inodes()
-        found = set()
+        found = {}
         for root, dirs, names in os.walk(self.top):
             for name in dirs + names:
                 path = os.path.join(root, name)
                 with contextlib.suppress(FileNotFoundError):
                     st = os.lstat(path)
-                    if st.st_uid == 0 and \
-                            (st.st_dev, st.st_ino) not in victims:
-                        found.add(path)
+                    key = (st.st_dev, st.st_ino)
+                    if st.st_uid == 0 and key not in victims:
+                        found[key] = path
         return found
 
     def files_with_victim_bytes(self):
@@ -321,7 +328,8 @@ class World:
         assert self.snapshot() == self.baseline, 'a victim changed'
         assert self.files_with_victim_bytes() == [], \
             'victim bytes under instances_path'
-        new = self.root_owned() - root_owned_before
+        new = [path for key, path in self.root_owned().items()
+               if key not in root_owned_before]
         assert not new, 'root-owned files appeared: %s' % sorted(new)
 
     # -- the agent, as root ---------------------------------------------
@@ -337,7 +345,9 @@ class World:
             pytest.fail('template-agent --direct %s hung for %d s'
                         % (' '.join(map(str, args)), timeout))
         assert 'Traceback' not in proc.stderr, proc.stderr
-        return proc.returncode, proc.stdout, proc.stderr
+        said = '\n'.join(line for line in proc.stderr.splitlines()
+                         if line.startswith(('error:', 'warning:')))
+        return proc.returncode, proc.stdout, said
 
 
 @pytest.fixture
@@ -468,3 +478,114 @@ def test_links_planted_at_temporary_names_are_never_followed(
     assert ok, error
     assert planted > 0, 'the attacker never got its link in place'
     assert_good_base(world, 'img', images)
+
+
+# -- 2. _base and locks/ replaced by symlinks to a root-owned directory --
+
+def prepare_bases(world, images):
+    """Two bases made normally before the attack; 'new' is fetchable."""
+    for image_id in ('img', 'other', 'new'):
+        world.glance.add(image_id, images['raw'])
+    for image_id in ('img', 'other'):
+        rc, _, err = world.cli('fetch', image_id)
+        assert rc == 0, err
+
+
+def swap_for_symlink(world, directory):
+    """The attacker replaces ``directory`` with a symlink to root's."""
+    path = os.path.join(world.instances, directory)
+    as_attacker(world, 'mv', path, path + '.real')
+    as_attacker(world, 'ln', '-s', world.root_dir, path)
+
+
+OPERATIONS = {
+    # op: (CLI arguments, API request)
+    'fetch': (('fetch', 'new'), None),
+    'prune': (('prune', '--min-age', '0', '--yes'),
+              ('POST', '/v1/prune', {'min_age': 0})),
+    'remove': (('remove', 'img'), ('DELETE', '/v1/images/img', None)),
+    'list': (('list',), ('GET', '/v1/images', None)),
+}
+
+
+def operate(world, svc, via, op):
+    """Run ``op``: ``(ok, error message)``; prune's per-base failures
+    count as errors."""
+    args, request = OPERATIONS[op]
+    if op == 'fetch':
+        return fetch(world, svc, via, args[1])
+    if via == 'cli':
+        rc, out, err = world.cli(*args)
+        return rc == 0, err.strip()
+    status, payload = call(svc, *request)
+    if status >= 400:
+        return False, '%s: %s' % (payload['error']['type'],
+                                  payload['error']['message'])
+    if op == 'prune' and payload['failed']:
+        return False, '; '.join(f['reason'] for f in payload['failed'])
+    return True, ''
+
+
+@pytest.mark.parametrize('op', sorted(OPERATIONS))
+@pytest.mark.parametrize('directory', ['_base', 'locks'])
+@pytest.mark.parametrize('via', ['cli', 'service'])
+def test_base_or_locks_symlinked_before_an_operation(
+        world, images, service, via, directory, op):
+    # Old behaviour caught: _base and locks/ were used by name as root, so
+    # a symlink to root's directory made prune and remove unlink the
+    # sha1-named files there, fetch write .part and the base there, and
+    # oslo.concurrency create root-owned lock files there. Now each is
+    # opened O_NOFOLLOW | O_DIRECTORY and checked to be the owner's.
+    prepare_bases(world, images)
+    if via == 'service':
+        start_service(world, service)
+    before = world.root_owned()
+    swap_for_symlink(world, directory)
+    ok, error = operate(world, service, via, op)
+    world.check(before)
+    if ok:
+        # only what never needs the directory may go on: listing bases
+        # that need no lock
+        assert (directory, op) == ('locks', 'list'), \
+            '%s went on with %s a symlink' % (op, directory)
+    else:
+        assert 'Refusing %s' % os.path.join(world.instances, directory) \
+            in error and 'symlink' in error, error
+
+
+ROUNDS = 4
+
+
+@pytest.mark.parametrize('op', sorted(OPERATIONS))
+@pytest.mark.parametrize('via', ['cli', 'service'])
+def test_base_and_locks_swapped_during_operations(world, images, service,
+                                                  via, op):
+    # Old behaviour caught: every step named its file by path under
+    # _base and locks/, as root, so whenever the attacker's swap was in
+    # place root wrote, renamed or unlinked files in root's directory
+    # instead. Now each directory is opened once, checked, and used by
+    # descriptor: an operation either works in the real directory or is
+    # refused; it never touches what the symlink points at.
+    prepare_bases(world, images)
+    for i in range(ROUNDS):
+        world.glance.add('new%d' % i, images['qcow2'], disk_format='qcow2')
+        world.glance.fail('new%d' % i, stall_after=MiB, stall_seconds=0.5,
+                          times=1)
+    if via == 'service':
+        start_service(world, service)
+    before = world.root_owned()
+    outcomes = []
+    with racing(world, 'swapdir', [world.base_dir, world.lock_dir],
+                target=world.root_dir) as racer:
+        started = time.monotonic()
+        while len(outcomes) < ROUNDS or time.monotonic() - started < 2:
+            if op == 'fetch':
+                outcomes.append(fetch(world, service, via,
+                                      'new%d' % (len(outcomes) % ROUNDS)))
+            else:
+                outcomes.append(operate(world, service, via, op))
+        planted = racer.stop()
+    assert planted > 0, 'the attacker never swapped a directory'
+    world.check(before)
+    for ok, error in outcomes:
+        assert ok or 'Refusing' in error or 'No base image' in error, error
