@@ -589,3 +589,133 @@ def test_base_and_locks_swapped_during_operations(world, images, service,
     world.check(before)
     for ok, error in outcomes:
         assert ok or 'Refusing' in error or 'No base image' in error, error
+
+
+# -- 3. the lock file ------------------------------------------------------
+
+@pytest.mark.parametrize('plant', ['symlink', 'symlink-own', 'fifo'])
+@pytest.mark.parametrize('op', ['fetch', 'remove'])
+@pytest.mark.parametrize('via', ['cli', 'service'])
+def test_planted_lock_file_is_not_followed_nor_waited_on(
+        world, images, service, via, op, plant):
+    # Old behaviour caught: oslo.concurrency opened locks/nova-<sha1> by
+    # name with O_CREAT as root, following a symlink: root created the
+    # file it points at (here in root's directory, where the attacker
+    # cannot write), and a FIFO there blocked the open for ever, holding
+    # up the fetch. Now the lock is opened O_NOFOLLOW | O_NONBLOCK and must
+    # be a regular file. ('symlink-own' points into a directory the
+    # attacker may write, so that only O_NOFOLLOW, not the drop, keeps the
+    # file from being made.)
+    prepare_bases(world, images)
+    if via == 'service':
+        start_service(world, service)
+    before = world.root_owned()
+    target = os.path.join(world.attacker_dir if plant == 'symlink-own'
+                          else world.root_dir, 'made-by-the-lock')
+    image_id = 'new' if op == 'fetch' else 'img'
+    lock = os.path.join(world.lock_dir, 'nova-' + sha1(image_id))
+    as_attacker(world, 'rm', '-f', lock)
+    if plant == 'fifo':
+        as_attacker(world, 'mkfifo', lock)
+    else:
+        as_attacker(world, 'ln', '-s', target, lock)
+    ok, error = operate(world, service, via, op)
+    world.check(before)
+    assert not os.path.lexists(target)
+    assert not ok
+    assert 'Refusing %s' % lock in error, error
+    assert ('not a regular file' if plant == 'fifo'
+            else 'cannot be opened safely') in error, error
+    # nothing else happened under the lock
+    assert os.path.exists(base_path(world, 'img'))
+    assert not os.path.exists(base_path(world, 'new'))
+
+
+# -- 4. qcow2 images whose backing file is the victim ---------------------
+
+def make_backed_qcow2(world, path, backing):
+    """A qcow2 (8 MiB, as the test image) backed by ``backing``, which
+    qemu-img does not open now (-u); readable by the attacker."""
+    subprocess.run(['qemu-img', 'create', '-f', 'qcow2', '-u', '-F', 'raw',
+                    '-b', backing, path, '8M'], check=True,
+                   capture_output=True)
+    os.chmod(path, 0o644)
+    os.chown(path, world.user.pw_uid, world.user.pw_gid)
+    return path
+
+
+@pytest.mark.parametrize('via', ['cli', 'service'])
+def test_download_swapped_for_a_qcow2_backed_by_the_victim(
+        world, images, service, via):
+    # Old behaviour caught: the download went to _base/<sha1>.part and,
+    # once hashed and inspected, qemu-img (as root) converted .part by
+    # name: the attacker, renaming a qcow2 backed by the victim over
+    # .part meanwhile, had root read the victim through the backing file
+    # and publish its bytes in the base. Now qemu-img reads the very
+    # descriptor that was hashed (/dev/fd/N) of a file with no name.
+    world.glance.add('img', images['qcow2'], disk_format='qcow2')
+    world.glance.fail('img', stall_after=MiB, stall_seconds=2, times=1)
+    evil = make_backed_qcow2(world, os.path.join(world.attacker_dir,
+                                                 'evil.qcow2'), world.victim)
+    if via == 'service':
+        start_service(world, service)
+    before = world.root_owned()
+    part = os.path.join(world.base_dir, sha1('img') + '.part')
+    with racing(world, 'replace', [part], source=evil) as racer:
+        ok, error = fetch(world, service, via, 'img')
+        planted = racer.stop()
+    world.check(before)
+    assert ok, error
+    assert planted > 0
+    assert_good_base(world, 'img', images)
+
+
+@pytest.mark.parametrize('via', ['cli', 'service'])
+def test_tenant_qcow2_backed_by_the_victim_is_refused(world, service, via):
+    # The image itself is a qcow2 whose backing file is the victim (a
+    # tenant uploads it to Glance). This was refused before privilege
+    # separation too (the format inspector predates it): the test guards
+    # the inspection of every download, whatever the source.
+    evil = make_backed_qcow2(world, os.path.join(world.attacker_dir,
+                                                 'evil.qcow2'), world.victim)
+    world.glance.add('evil', evil, disk_format='qcow2')
+    if via == 'service':
+        start_service(world, service)
+    before = world.root_owned()
+    ok, error = fetch(world, service, via, 'evil')
+    world.check(before)
+    assert not ok
+    assert 'refused' in error and 'backing_file' in error, error
+    assert os.listdir(world.base_dir) == []
+
+
+def catalog_record(image_id, path, disk_format):
+    from tests.glance_standin import image_record
+    return image_record(image_id, path, disk_format=disk_format)
+
+
+def test_catalog_entry_written_by_the_owner_is_inspected_again(world):
+    # The local catalog lives in state_path, which the agent hands to the
+    # owner of instances_path: the owner can write catalog entries
+    # directly, skipping the checks of 'images import'. A qcow2 backed by
+    # the victim, with a correct record and hashes, is still refused when
+    # fetched, since every download is inspected. (Before privilege
+    # separation state_path stayed root's; the fetch-time inspection was
+    # the same.)
+    world.env.configure(image_source={'driver': 'local'})
+    rc, _, err = world.cli('list')  # makes state_path the owner's
+    assert rc == 0, err
+    catalog = os.path.join(world.env.state, 'catalog')
+    evil = make_backed_qcow2(world, os.path.join(world.attacker_dir,
+                                                 'evil.qcow2'), world.victim)
+    record = os.path.join(world.attacker_dir, 'evil.json')
+    with open(record, 'w') as f:
+        json.dump(catalog_record('evil', evil, 'qcow2'), f)
+    as_attacker(world, 'mkdir', '-p', catalog)
+    as_attacker(world, 'cp', evil, os.path.join(catalog, 'evil.data'))
+    as_attacker(world, 'cp', record, os.path.join(catalog, 'evil.json'))
+    before = world.root_owned()
+    rc, _, err = world.cli('fetch', 'evil')
+    world.check(before)
+    assert rc == 1 and 'backing_file' in err, err
+    assert os.listdir(world.base_dir) == []
