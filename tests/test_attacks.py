@@ -522,7 +522,8 @@ def operate(world, svc, via, op):
         return False, '%s: %s' % (payload['error']['type'],
                                   payload['error']['message'])
     if op == 'prune' and payload['failed']:
-        return False, '; '.join(f['reason'] for f in payload['failed'])
+        return False, '; '.join('%s: %s' % (f['filename'], f['reason'])
+                                for f in payload['failed'])
     return True, ''
 
 
@@ -719,3 +720,129 @@ def test_catalog_entry_written_by_the_owner_is_inspected_again(world):
     world.check(before)
     assert rc == 1 and 'backing_file' in err, err
     assert os.listdir(world.base_dir) == []
+
+
+# -- 5. hard links to root's files at base paths --------------------------
+
+def make_overlay(world, name, backing):
+    """An instance disk (qcow2 overlay) of the attacker's, backed by
+    ``backing``: ``instances/<name>/disk``."""
+    d = os.path.join(world.instances, name)
+    as_attacker(world, 'mkdir', d)
+    disk = os.path.join(d, 'disk')
+    as_attacker(world, 'qemu-img', 'create', '-f', 'qcow2', '-u', '-F',
+                'raw', '-b', backing, disk, '8M')
+    return disk
+
+
+@pytest.mark.parametrize('via', ['cli', 'service'])
+def test_hard_links_to_root_files_at_base_paths(world, images, service, via):
+    # fs.protected_hardlinks (on by default) keeps the attacker from
+    # linking a file it cannot read and write; root plants the links
+    # here, standing for a host without that protection.
+    # Old behaviour caught: the cache manager pass touched in-use bases
+    # (utime) as root, so a hard link to a root file, made "in use" by an
+    # instance disk backed by it, had root change the victim's times (and
+    # every lock file and base the old agent made was root's).
+    # Now the agent works as the owner: it cannot touch, write, chmod or
+    # chown root's file, and unlinking the name in _base (what the owner
+    # could do itself) leaves the victim intact.
+    world.glance.add('hl', images['raw'])
+    shadow = os.path.join(world.root_dir, 'shadow')
+    os.link(world.victim, base_path(world, 'hl'))
+    os.link(shadow, base_path(world, 'hl-used'))
+    make_overlay(world, 'inst-1', base_path(world, 'hl-used'))
+    if via == 'service':
+        start_service(world, service)
+    before = world.root_owned()
+    if via == 'cli':
+        rc, out, err = world.cli('list', '--format', 'json')
+        assert rc == 0, err
+        rows = {r['filename']: r for r in json.loads(out)}
+    else:
+        status, payload = call(service, 'GET', '/v1/images')
+        assert status == 200, payload
+        rows = {r['filename']: r for r in payload['images']}
+    assert rows[sha1('hl-used')]['in_use'] and \
+        not rows[sha1('hl')]['in_use'], rows
+    world.check(before)
+    # fetch finds a base already there and changes nothing
+    ok, error = fetch(world, service, via, 'hl')
+    assert ok, error
+    world.check(before)
+    # prune unlinks the unused name, and cannot touch the used one
+    ok, error = operate(world, service, via, 'prune')
+    world.check(before)
+    assert not ok and sha1('hl-used') in error and \
+        'Operation not permitted' in error, error
+    assert not os.path.lexists(base_path(world, 'hl'))
+    assert os.path.samefile(base_path(world, 'hl-used'), shadow)
+    # remove refuses the used one
+    if via == 'cli':
+        rc, _, error = world.cli('remove', 'hl-used')
+        ok = rc == 0
+    else:
+        status, payload = call(service, 'DELETE', '/v1/images/hl-used')
+        ok, error = status < 400, str(payload)
+    world.check(before)
+    assert not ok and 'in use' in error, error
+    assert os.stat(shadow).st_nlink == 2
+
+
+# -- 6. FIFOs at a base path and as backing files ---------------------------
+
+@pytest.mark.parametrize('via', ['cli', 'service'])
+def test_fifos_never_hang_list_prune_remove_fetch(world, images, service,
+                                                  via):
+    # Old behaviour caught: usage was read with 'qemu-img info
+    # --backing-chain' on every instance disk, as root and without a
+    # timeout: an overlay whose backing file is a FIFO (under the
+    # instance's directory, or at a base path) made qemu-img block in
+    # open(), hanging list and prune for ever (and the old lock open
+    # followed by name too). Now backing names are read from the qcow2
+    # header in process, opening only regular files, without blocking;
+    # a FIFO under a base's name is no base.
+    prepare_bases(world, images)            # 'img' and 'other', unused
+    world.glance.add('fifo', images['raw'])
+    fifo_base = base_path(world, 'fifo')
+    as_attacker(world, 'mkfifo', fifo_base)
+    disk1 = make_overlay(world, 'inst-1', os.path.join(
+        world.instances, 'inst-1', 'backing'))
+    as_attacker(world, 'mkfifo', os.path.join(world.instances, 'inst-1',
+                                              'backing'))
+    make_overlay(world, 'inst-2', fifo_base)
+    as_attacker(world, 'mkfifo', os.path.join(world.instances, 'inst-3'))
+    assert os.path.exists(disk1)
+    if via == 'service':
+        start_service(world, service)
+    before = world.root_owned()
+
+    # list: the FIFO is no base
+    if via == 'cli':
+        rc, out, err = world.cli('list', '--format', 'json')
+        assert rc == 0, err
+        rows = json.loads(out)
+    else:
+        status, payload = call(service, 'GET', '/v1/images')
+        assert status == 200, payload
+        rows = payload['images']
+    assert sorted(r['image_id'] for r in rows) == ['img', 'other'], rows
+    # fetch and remove refuse it, saying why
+    ok, error = fetch(world, service, via, 'fifo')
+    assert not ok and 'Refusing %s' % fifo_base in error and \
+        'neither a file nor a symlink' in error, error
+    if via == 'cli':
+        rc, _, error = world.cli('remove', 'fifo')
+        ok = rc == 0
+    else:
+        status, payload = call(service, 'DELETE', '/v1/images/fifo')
+        ok, error = status < 400, payload['error']['message']
+    assert not ok and 'neither a file nor a symlink' in error, error
+    # prune removes the unused bases and leaves the FIFO alone
+    ok, error = operate(world, service, via, 'prune')
+    assert ok, error
+    assert sorted(os.listdir(world.base_dir)) == [sha1('fifo')]
+    assert stat.S_ISFIFO(os.lstat(fifo_base).st_mode)
+    world.check(before)
+    if via == 'service':
+        assert call(service, 'GET', '/v1/health')[1]['status'] == 'ok'
