@@ -846,3 +846,82 @@ def test_fifos_never_hang_list_prune_remove_fetch(world, images, service,
     world.check(before)
     if via == 'service':
         assert call(service, 'GET', '/v1/health')[1]['status'] == 'ok'
+
+
+# -- 7. the owner's own state: the local catalog ---------------------------
+
+@pytest.mark.parametrize('plant', ['data-symlink', 'data-fifo',
+                                   'record-fifo'])
+@pytest.mark.parametrize('via', ['cli', 'service'])
+def test_catalog_files_planted_by_the_owner(world, images, service, via,
+                                            plant):
+    # state_path is handed to the owner of instances_path, so the local
+    # catalog in it is the owner's to write: an image's bits may be a
+    # symlink to the victim (with a record carrying no hash, as the
+    # attacker cannot know the victim's), or a FIFO, and so may its
+    # record. Before privilege separation state_path stayed root's, so
+    # none of this could be planted (the test cannot even set itself up
+    # there). Reading as the owner, the agent cannot get the victim's
+    # bytes; the FIFOs hung the fetch for ever (holding nova's lock) until
+    # the catalog opened its files without blocking.
+    world.env.configure(image_source={'driver': 'local'})
+    rc, _, err = world.cli('list')  # makes state_path the owner's
+    assert rc == 0, err
+    catalog = os.path.join(world.env.state, 'catalog')
+    as_attacker(world, 'mkdir', '-p', catalog)
+    record = catalog_record('evil', images['raw'], 'raw')
+    for key in ('checksum', 'os_hash_algo', 'os_hash_value', 'size'):
+        record[key] = None
+    staged = os.path.join(world.attacker_dir, 'evil.json')
+    with open(staged, 'w') as f:
+        json.dump(record, f)
+    data = os.path.join(catalog, 'evil.data')
+    if plant == 'record-fifo':
+        as_attacker(world, 'mkfifo', os.path.join(catalog, 'evil.json'))
+        shutil.copy(images['raw'], data)
+        os.chown(data, world.user.pw_uid, world.user.pw_gid)
+    else:
+        as_attacker(world, 'cp', staged, os.path.join(catalog,
+                                                      'evil.json'))
+        if plant == 'data-fifo':
+            as_attacker(world, 'mkfifo', data)
+        else:
+            as_attacker(world, 'ln', '-s', world.victim, data)
+    if via == 'service':
+        start_service(world, service)
+    before = world.root_owned()
+    ok, error = fetch(world, service, via, 'evil')
+    world.check(before)
+    assert not ok
+    assert 'local catalog' in error and 'is unavailable' in error, error
+    assert os.listdir(world.base_dir) == []
+    if via == 'service':
+        assert call(service, 'GET', '/v1/health')[1]['status'] == 'ok'
+
+
+def test_catalog_import_replaces_planted_temporary_files(world, images):
+    # The same for 'images import': its temporary names in the catalog
+    # (<id>.data.part, <id>.json.part) were opened for writing by name,
+    # so a FIFO planted there hung the import and a symlink was written
+    # through (as the owner, since the drop). Now they are made afresh,
+    # O_EXCL | O_NOFOLLOW.
+    world.env.configure(image_source={'driver': 'local'})
+    rc, _, err = world.cli('list')  # makes state_path the owner's
+    assert rc == 0, err
+    catalog = os.path.join(world.env.state, 'catalog')
+    as_attacker(world, 'mkdir', '-p', catalog)
+    as_attacker(world, 'mkfifo', os.path.join(catalog, 'img.data.part'))
+    elsewhere = os.path.join(world.attacker_dir, 'written-through')
+    as_attacker(world, 'ln', '-s', elsewhere,
+                os.path.join(catalog, 'img.json.part'))
+    source = os.path.join(world.attacker_dir, 'disk.raw')
+    shutil.copy(images['raw'], source)
+    os.chmod(source, 0o644)
+    before = world.root_owned()
+    rc, _, err = world.cli('images', 'import', source, '--id', 'img')
+    assert rc == 0, err
+    assert not os.path.lexists(elsewhere)
+    rc, out, err = world.cli('fetch', 'img')
+    assert rc == 0, err
+    world.check(before)
+    assert_good_base(world, 'img', images)
