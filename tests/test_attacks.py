@@ -249,6 +249,11 @@ class World:
                                VICTIM_DATA, 0o644)
         self._write_victim(os.path.join(self.root_dir, 'shadow'),
                            VICTIM_DATA, 0o600)
+        # as large as the test image, so that a volume linked to it looks
+        # big enough
+        self._write_victim(os.path.join(self.root_dir, 'disk-secret'),
+                           VICTIM_DATA * (8 * MiB // len(VICTIM_DATA) + 1),
+                           0o600)
         self.victims = [self.victim] + [
             os.path.join(self.root_dir, n) for n in os.listdir(self.root_dir)]
         self.baseline = self.snapshot()
@@ -925,3 +930,91 @@ def test_catalog_import_replaces_planted_temporary_files(world, images):
     assert rc == 0, err
     world.check(before)
     assert_good_base(world, 'img', images)
+
+
+# -- 8. volume linking: the volume file behind a loop device ---------------
+
+def loops_under(top):
+    """``[(device, backing file)]`` of loop devices over files under
+    ``top`` (the backing file as the kernel names it)."""
+    out = subprocess.run(['losetup', '-n', '-O', 'NAME,BACK-FILE', '-l'],
+                         capture_output=True, text=True).stdout
+    found = []
+    for line in out.splitlines():
+        parts = line.split(None, 1)
+        if len(parts) == 2 and parts[1].strip().startswith(top + '/'):
+            found.append((parts[0], parts[1].strip()))
+    return found
+
+
+@pytest.fixture
+def linking_world(world):
+    world.env.configure(
+        DEFAULT={'template_image_handler': 'volume_linking,downloading'},
+        image_source={'driver': 'local'})
+    try:
+        yield world
+    finally:
+        for device, _ in loops_under(world.top):
+            subprocess.run(['losetup', '-d', device], capture_output=True)
+
+
+@pytest.mark.parametrize('plant', ['symlink', 'hardlink', 'fifo'])
+@pytest.mark.parametrize('via', ['cli', 'service'])
+def test_volume_file_replaced_before_it_is_attached(linking_world, images,
+                                                    service, via, plant):
+    # The local volume backend keeps volumes in state_path, the owner's.
+    # The attacker replaces the file of a volume-backed image with a link
+    # to the victim before the agent exports it as a loop device and links
+    # the base to it. Old behaviour caught: losetup ran as root on the
+    # volume's path, following a symlink and attaching whatever file was
+    # there, so the base linked to a device showing the victim's bytes.
+    # Now the privsep daemon opens the file O_NOFOLLOW itself and attaches
+    # only a regular file with one name owned by the agent's user; the
+    # downloading fallback reads the volume as the owner, who cannot. A
+    # FIFO there hung that fallback for ever, until the volume was opened
+    # without blocking.
+    # (A hard link to root's file stands for a host without
+    # fs.protected_hardlinks: root plants it.)
+    world = linking_world
+    source = os.path.join(world.attacker_dir, 'disk.raw')
+    shutil.copy(images['raw'], source)
+    os.chmod(source, 0o644)
+    rc, out, err = world.cli('images', 'import', source, '--id', 'vb',
+                             '--volume-backed', '--owner', 'p1', '--format',
+                             'json')
+    assert rc == 0, err
+    volume_id = json.loads(out)['locations'][0]['url'].split('/')[-1]
+    volume = os.path.join(world.env.state, 'volumes', 'volume-' + volume_id)
+    assert os.path.isfile(volume)
+    if via == 'service':
+        start_service(world, service)
+    before = world.root_owned()
+    as_attacker(world, 'rm', volume)
+    victim = os.path.join(world.root_dir, 'disk-secret')
+    if plant == 'symlink':
+        as_attacker(world, 'ln', '-s', victim, volume)
+    elif plant == 'fifo':
+        as_attacker(world, 'mkfifo', volume)
+    else:
+        os.link(victim, volume)
+    if via == 'cli':
+        rc, _, error = world.cli('fetch', 'vb', '--project-id', 'p1')
+        ok = rc == 0
+    else:
+        status, job = call(service, 'POST', '/v1/images/vb/fetch',
+                           {'project_id': 'p1'})
+        assert status == 202, job
+        deadline = time.monotonic() + OP_TIMEOUT
+        while job['state'] == 'running' and time.monotonic() < deadline:
+            status, job = call(service, 'GET', '/v1/jobs/%s?wait=1'
+                               % job['id'])
+        assert job['state'] != 'running', 'fetch hung'
+        ok = job['state'] == 'succeeded'
+        error = str(job['error'])
+    attached = loops_under(world.top)
+    world.check(before)
+    assert attached == [], 'the victim was exported: %s' % attached
+    assert not ok, 'a base was made of the victim'
+    assert not os.path.lexists(base_path(world, 'vb'))
+    assert 'Refusing %s' % volume in error, error
