@@ -963,19 +963,19 @@ def linking_world(world):
 @pytest.mark.parametrize('via', ['cli', 'service'])
 def test_volume_file_replaced_before_it_is_attached(linking_world, images,
                                                     service, via, plant):
-    # The local volume backend keeps volumes in state_path, the owner's.
-    # The attacker replaces the file of a volume-backed image with a link
-    # to the victim before the agent exports it as a loop device and links
-    # the base to it. Old behaviour caught: losetup ran as root on the
-    # volume's path, following a symlink and attaching whatever file was
-    # there, so the base linked to a device showing the victim's bytes.
-    # Now the privsep daemon opens the file O_NOFOLLOW itself and attaches
-    # only a regular file with one name owned by the agent's user; the
-    # downloading fallback reads the volume as the owner, who cannot. A
-    # FIFO there hung that fallback for ever, until the volume was opened
-    # without blocking.
-    # (A hard link to root's file stands for a host without
-    # fs.protected_hardlinks: root plants it.)
+    # The local volume backend keeps volumes in state_path, which is the
+    # owner's since the drop: the attacker replaces the file of a
+    # volume-backed image with a link to root's file before the agent
+    # exports it as a loop device and links the base to it. Before
+    # privilege separation state_path stayed root's, so this could not be
+    # planted at all (the old code attached by path as root, following
+    # anything); now what keeps root's file from being exported is the
+    # privsep daemon, which opens the file O_NOFOLLOW itself and attaches
+    # only a regular file with one name owned by the agent's user, and
+    # the downloading fallback, which reads the volume as the owner. A
+    # FIFO there hung that fallback for ever, until volumes were opened
+    # without blocking. (A hard link to root's file stands for a host
+    # without fs.protected_hardlinks: root plants it.)
     world = linking_world
     source = os.path.join(world.attacker_dir, 'disk.raw')
     shutil.copy(images['raw'], source)
