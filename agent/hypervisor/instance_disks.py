@@ -64,13 +64,28 @@ def backing_chain(path):
     return chain
 
 
+def _dir_key(path):
+    """(device, inode) of the real directory ``path``, else None."""
+    try:
+        st = os.stat(path, follow_symlinks=False)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino) if stat.S_ISDIR(st.st_mode) else None
+
+
 def instance_disks(instances_path, skip_dirs):
     """Regular files under ``instances_path`` (symlinks to files included),
-    outside ``skip_dirs``."""
-    skip = {os.path.realpath(d) for d in skip_dirs}
+    outside ``skip_dirs``.
+
+    Directories are told apart by what they are (device and inode), not
+    by resolving their names: the owner may swap a directory for a
+    symlink while the scan runs, and resolving a name that changes under
+    ``os.path.realpath`` fails (EINVAL from readlink).
+    """
+    skip = {_dir_key(d) for d in skip_dirs} - {None}
     for root, dirs, names in os.walk(instances_path):
         dirs[:] = [d for d in dirs
-                   if os.path.realpath(os.path.join(root, d)) not in skip]
+                   if _dir_key(os.path.join(root, d)) not in skip]
         for name in names:
             path = os.path.join(root, name)
             try:

@@ -13,7 +13,7 @@ import dataclasses
 import os
 
 from agent import config, errors, identity
-from agent.files import stat_key
+from agent.files import realpath_or_none, stat_key
 from agent.hypervisor import instance_disks, libvirt_domains
 
 
@@ -78,7 +78,9 @@ class UsageScanner:
             if key:
                 by_key[key].append(base)
             by_name[os.path.normpath(os.path.abspath(base))].append(base)
-            by_name[os.path.realpath(base)].append(base)
+            real = realpath_or_none(base)
+            if real:
+                by_name[real].append(base)
         if base_paths:
             for user, path in self._references(warnings, strict):
                 bases = by_key.get(path_key(path)) or by_name.get(
