@@ -612,7 +612,8 @@ def test_base_and_locks_swapped_during_operations(world, images, service,
     assert planted > 0, 'the attacker never swapped a directory'
     world.check(before)
     for ok, error in outcomes:
-        assert ok or 'Refusing' in error or 'No base image' in error, error
+        assert ok or 'Refusing' in error or 'No base image' in error, \
+            (error, service.log() if via == 'service' else '')
 
 
 # -- 3. the lock file ------------------------------------------------------
