@@ -58,7 +58,7 @@ STATUS_OF = {
     errors.VolumeNotFound: 404, errors.CacheEntryNotFound: 404,
     errors.ImageNotAuthorized: 403,
     errors.BaseImageInUse: 409, errors.CacheEntryHeld: 409,
-    errors.ImageNotActive: 409,
+    errors.ImageNotActive: 409, errors.UnsafePath: 409,
     errors.ImageUnacceptable: 422, errors.InsufficientSpace: 507,
     errors.SourceUnavailable: 502, errors.DownloadFailed: 502,
     errors.UsageUnknown: 503, errors.BackendUnavailable: 503,

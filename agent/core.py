@@ -298,7 +298,7 @@ class TemplateAgent:
             'image_updated_at': entry.image_updated_at,
             'created': entry.created,
             'last_used': entry.last_used,
-            'target': entry.target or (os.path.realpath(path)
+            'target': entry.target or (files.realpath_or_none(path)
                                        if os.path.islink(path) else None),
             'adopted': entry.adopted,
             'resized': bool((naming.parse_base_filename(entry.filename)

@@ -40,6 +40,16 @@ def stat_key(st):
     return None
 
 
+def realpath_or_none(path):
+    """``os.path.realpath(path)``, or None when a name on the way changed
+    while it was resolved (a symlink swapped for a directory makes
+    ``readlink`` fail with EINVAL)."""
+    try:
+        return os.path.realpath(path)
+    except OSError:
+        return None
+
+
 def fsync_path(path, directory=False):
     """fsync a file, or a directory (to make a rename or unlink durable)."""
     fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))

@@ -324,7 +324,8 @@ def reference():
         '`[api] allowed_groups`. Errors answer '
         '`{"error": {"type", "message", "exit_code"}}` with 400 (bad '
         'request), 403, 404 (unknown image, base, volume, path), 405, 408, '
-        '409 (in use, held), 422 (image refused), 502 (source failed), '
+        '409 (in use, held, an unsafe path in instances_path), 422 (image '
+        'refused), 502 (source failed), '
         '503 (usage unknown, backend or service unavailable) or 507 (no '
         'space).',
         '',

@@ -14,7 +14,7 @@ import os
 import stat
 
 from agent import config, errors, identity
-from agent.files import stat_key
+from agent.files import realpath_or_none, stat_key
 from agent.hypervisor import instance_disks, libvirt_domains
 
 
@@ -143,15 +143,18 @@ class UsageScanner:
             name = os.path.normpath(os.path.abspath(base))
             by_name[name].append(base)
             if link or lst is None:
-                by_name[os.path.realpath(base)].append(base)
+                real = realpath_or_none(base)
+                if real:
+                    by_name[real].append(base)
             else:
                 # a file in _base: only its directory can be spelt
                 # otherwise, and all bases share one
                 parent, leaf = os.path.split(name)
                 if parent not in real_dirs:
-                    real_dirs[parent] = os.path.realpath(parent)
-                real = os.path.join(real_dirs[parent], leaf)
-                if real != name:
+                    real_dirs[parent] = realpath_or_none(parent)
+                real = real_dirs[parent] and os.path.join(real_dirs[parent],
+                                                          leaf)
+                if real and real != name:
                     by_name[real].append(base)
         if base_paths:
             refs = self._references(problems)
@@ -162,7 +165,7 @@ class UsageScanner:
                 # link to a device not attached yet)
                 bases = by_key.get(key) if key else (
                     by_name.get(os.path.normpath(os.path.abspath(path))) or
-                    by_name.get(os.path.realpath(path)))
+                    by_name.get(realpath_or_none(path) or path))
                 for base in bases or ():
                     users[base].add(user)
             for pid, name, key in _open_file_holders(by_key):

@@ -4,6 +4,13 @@
 ``<id>.data`` the bits. ``import_image`` computes what Glance would: size,
 virtual size, md5 ``checksum`` and sha512 ``os_hash_value``, and refuses a
 file whose content does not match the claimed ``disk_format``.
+
+The catalog is in ``state_path``, which belongs to the owner of
+``instances_path`` once the agent dropped root: its files are opened as
+``agent.files`` says for files nova controls (no symlink followed, a FIFO
+never waited on, regular files only), and whatever cannot be read is the
+source being unavailable, not a crash or a hang. Every fetch inspects and
+verifies the bits anyway.
 """
 
 import datetime
@@ -11,7 +18,7 @@ import hashlib
 import json
 import os
 
-from agent import errors, naming
+from agent import errors, files, naming
 from agent.images import inspection
 from agent.images.meta import ImageMeta
 from agent.images.sources import DataStream, ImageSource
@@ -38,18 +45,36 @@ class LocalCatalog(ImageSource):
         return (os.path.join(self.path, image_id + '.json'),
                 os.path.join(self.path, image_id + '.data'))
 
+    def _unreadable(self, path, exc):
+        return errors.SourceUnavailable(
+            source='local catalog %s' % self.path,
+            reason='cannot read %s: %s' % (path, exc))
+
+    def _open_file(self, path):
+        """``path`` opened for reading, as a file object.
+
+        :raises FileNotFoundError: it is missing
+        :raises SourceUnavailable: it is not a regular file (a symlink, a
+            FIFO) or cannot be read
+        """
+        try:
+            fd, _ = files.open_existing(path)
+        except FileNotFoundError:
+            raise
+        except (OSError, errors.UnsafePath) as exc:
+            raise self._unreadable(path, exc)
+        return os.fdopen(fd, 'rb')
+
     def get(self, image_id):
         meta_path, _ = self._paths(image_id)
         try:
-            with open(meta_path, encoding='utf-8') as f:
-                record = json.load(f)
+            with self._open_file(meta_path) as f:
+                record = json.loads(f.read().decode('utf-8'))
         except FileNotFoundError:
             raise errors.ImageNotFound(image_id=image_id,
                                        source='local catalog %s' % self.path)
         except (OSError, ValueError) as exc:
-            raise errors.SourceUnavailable(
-                source='local catalog %s' % self.path,
-                reason='cannot read %s: %s' % (meta_path, exc))
+            raise self._unreadable(meta_path, exc)
         try:
             image = ImageMeta.from_glance(record)
         except ValueError as exc:
@@ -79,11 +104,14 @@ class LocalCatalog(ImageSource):
 
     def open(self, image, offset=0):
         data_path = self.data_path(image.id)
-        if not os.path.exists(data_path) and image.volume_location and \
+        if not os.path.lexists(data_path) and image.volume_location and \
                 self.volume_opener:
             f = self.volume_opener(image.volume_location)
         else:
-            f = open(data_path, 'rb')
+            try:
+                f = self._open_file(data_path)
+            except FileNotFoundError as exc:
+                raise self._unreadable(data_path, exc)
         f.seek(offset)
         end = image.size if image.size is not None else float('inf')
 
@@ -124,7 +152,8 @@ class LocalCatalog(ImageSource):
         size = 0
         try:
             with open(file_path, 'rb') as src, \
-                    open(os.devnull if volume_writer else tmp, 'wb') as dst:
+                    (open(os.devnull, 'wb') if volume_writer
+                     else _new_file(tmp)) as dst:
                 while True:
                     chunk = src.read(CHUNK_SIZE)
                     if not chunk:
@@ -156,7 +185,7 @@ class LocalCatalog(ImageSource):
             else:
                 os.replace(tmp, data_path)
             meta_tmp = meta_path + '.part'
-            with open(meta_tmp, 'w', encoding='utf-8') as f:
+            with _new_file(meta_tmp, 'w', encoding='utf-8') as f:
                 json.dump(image.to_glance(), f, indent=2, sort_keys=True)
                 f.flush()
                 os.fsync(f.fileno())
@@ -167,3 +196,10 @@ class LocalCatalog(ImageSource):
                     os.unlink(path)
             raise
         return image
+
+
+def _new_file(path, mode='wb', **kwargs):
+    """A new file at ``path``, replacing (never following or waiting on)
+    whatever was planted under that temporary name."""
+    files.unlink_quietly(path)
+    return os.fdopen(os.open(path, files.NEW_FLAGS, 0o644), mode, **kwargs)

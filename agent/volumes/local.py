@@ -14,6 +14,7 @@ import fcntl
 import json
 import os
 import re
+import stat
 import tempfile
 import time
 import uuid
@@ -138,11 +139,16 @@ class LocalVolumeBackend(VolumeBackend):
         os.replace(tmp, self._meta_file(volume_id))
 
     def _read_meta(self, volume_id):
+        path = self._meta_file(volume_id)
         try:
-            with open(self._meta_file(volume_id), encoding='utf-8') as f:
-                return json.load(f)
+            fd, _ = files.open_existing(path)  # never blocks on a FIFO
         except FileNotFoundError:
             raise errors.VolumeNotFound(volume_id=volume_id, backend='local')
+        except OSError as exc:
+            raise errors.UnsafePath(path=path, reason='it cannot be opened '
+                                    'safely (%s)' % exc.strerror)
+        with os.fdopen(fd, encoding='utf-8') as f:
+            return json.load(f)
 
     # -- interface ------------------------------------------------------------
     def capabilities(self):
@@ -178,11 +184,15 @@ class LocalVolumeBackend(VolumeBackend):
 
     def get(self, volume_id):
         meta = self._read_meta(volume_id)
+        path = self._file(volume_id)
         try:
-            size = os.path.getsize(self._file(volume_id))
+            st = os.stat(path, follow_symlinks=False)
         except FileNotFoundError:
             raise errors.VolumeNotFound(volume_id=volume_id, backend='local')
-        return Volume(id=volume_id, size_bytes=size, metadata=meta)
+        if not stat.S_ISREG(st.st_mode):
+            raise errors.UnsafePath(path=path, reason='it is not a regular '
+                                    'file')
+        return Volume(id=volume_id, size_bytes=st.st_size, metadata=meta)
 
     def list(self):
         if not os.path.isdir(self.path):
@@ -284,10 +294,22 @@ class LocalVolumeBackend(VolumeBackend):
         return gone
 
     def open_volume(self, volume_id):
+        """The volume's file, opened for reading as ``agent.files`` opens
+        what nova controls (the volumes are in the owner's state): a
+        symlink is not followed and a FIFO cannot block.
+
+        :raises VolumeNotFound: it is missing
+        :raises UnsafePath: it is not a regular file or cannot be opened
+        """
+        path = self._file(volume_id)
         try:
-            return open(self._file(volume_id), 'rb')
+            fd, _ = files.open_existing(path)
         except FileNotFoundError:
             raise errors.VolumeNotFound(volume_id=volume_id, backend='local')
+        except OSError as exc:
+            raise errors.UnsafePath(path=path, reason='it cannot be opened '
+                                    'safely (%s)' % exc.strerror)
+        return os.fdopen(fd, 'rb')
 
     def connection_properties(self, volume_id, read_only=True):
         path = self._file(volume_id)
