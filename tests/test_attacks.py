@@ -890,8 +890,11 @@ def test_catalog_files_planted_by_the_owner(world, images, service, via,
     # none of this could be planted (the test cannot even set itself up
     # there). Reading as the owner, the agent cannot get the victim's
     # bytes; the FIFOs hung the fetch for ever (holding nova's lock) until
-    # the catalog opened its files without blocking.
-    world.env.configure(image_source={'driver': 'local'})
+    # the catalog opened its files without blocking. A record without a
+    # hash is refused before any byte is read unless weak hashes are
+    # allowed: they are, so that the attack reaches the catalog's files.
+    world.env.configure(image_source={'driver': 'local'},
+                        glance={'allow_weak_hashes': True})
     rc, _, err = world.cli('list')  # makes state_path the owner's
     assert rc == 0, err
     catalog = os.path.join(world.env.state, 'catalog')
