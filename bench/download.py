@@ -182,7 +182,7 @@ class PhaseTimer:
         ('download (receive+sha512+inspect+write)', 'agent.images.download',
          'download'),
         ('qemu-img convert', 'agent.images.qemu_img', 'convert_to_raw'),
-        ('fsync (file + dir)', 'agent.handlers.downloading', 'fsync_path'),
+        ('fsync (file + dir)', 'os', 'fsync'),
     ]
 
     def __init__(self):
@@ -324,7 +324,8 @@ class Bench:
     def agent_env(self):
         """A fresh instances_path, state_path and config file."""
         root = self.fresh('agent')
-        os.makedirs(root)
+        # the agent refuses an instances_path that does not exist
+        os.makedirs(os.path.join(root, 'instances'))
         conf = os.path.join(root, 'agent.conf')
         with open(conf, 'w') as f:
             f.write('[DEFAULT]\ninstances_path = %s\nstate_path = %s\n'

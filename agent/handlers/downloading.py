@@ -12,8 +12,6 @@ under the shared lock. See ``agent.files`` for why.
 
 import os
 
-import psutil
-
 from agent import errors, files, naming
 from agent.cache.index import BaseImage
 from agent.handlers.base import BaseTemplateImageHandler
@@ -36,7 +34,7 @@ class DownloadingTemplateImageHandler(BaseTemplateImageHandler):
         return self.conf.max_image_virtual_size_gb * 1024 ** 3
 
     def _check_space(self, image, needed, dir_fd):
-        free = psutil.disk_usage('/proc/self/fd/%d' % dir_fd).free
+        free = free_bytes('/proc/self/fd/%d' % dir_fd)
         if needed > free:
             raise errors.InsufficientSpace(path=self.context.base_dir,
                                            image_id=image.id, needed=needed,
@@ -96,7 +94,9 @@ class DownloadingTemplateImageHandler(BaseTemplateImageHandler):
                     download.download_verified(
                         self.context.source, image, part_fd, then=make_raw,
                         limits=download.DownloadLimits.from_conf(self.conf),
-                        progress=progress)
+                        progress=progress,
+                        # a file converted, then discarded, is never fsynced
+                        writeback=not will_convert)
                 files.publish(fd, name, dir_fd, temp_name)
                 size = os.fstat(fd).st_size
             except OSError as exc:
@@ -104,7 +104,7 @@ class DownloadingTemplateImageHandler(BaseTemplateImageHandler):
                     raise errors.InsufficientSpace(
                         path=self.context.base_dir, image_id=image.id,
                         needed=virtual_size_or_size(image),
-                        free=psutil.disk_usage(self.context.base_dir).free)
+                        free=free_bytes(self.context.base_dir))
                 raise
             finally:
                 for fd, temp_name in made:
@@ -132,6 +132,13 @@ def remove_entry(dir_fd, name):
         pass
     except IsADirectoryError:
         raise errors.AgentError('%s is a directory; not removed' % name)
+
+
+def free_bytes(path):
+    """Bytes an unprivileged writer may still use on ``path``'s filesystem
+    (what ``df`` shows as available)."""
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
 
 
 def virtual_size_or_size(image):

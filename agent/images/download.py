@@ -3,11 +3,18 @@
 Three threads share the work so it overlaps on two cores: one receives
 chunks from the source, the caller's thread inspects the format and writes
 them (all-zero blocks are left as holes, so a raw base takes only the disk
-its data needs), and a hasher reads back what was written from the page
-cache. hashlib, socket reads and file I/O all release the GIL. The hash may
-finish after the last byte is written: ``download_verified`` runs the
-caller's next step (conversion, fsync) meanwhile and publishes nothing
-unless the hash matches.
+its data needs), and a hasher hashes the very chunks received, in memory,
+handed over by reference once written, or reads back from the page cache
+what it could not be handed while it was behind (the hash is of the bytes
+as sent, zeros included). A source that can read into a buffer (Glance)
+is received into a few reused buffers, each filled again only after it is
+written and hashed or left to the read-back. hashlib, socket reads and file I/O
+all release the GIL. The writer starts the writeback of what it wrote
+every ``_WRITEBACK`` bytes, so the disk works while the download goes on
+and the caller's final fsync has little left to do. The hash may finish
+after the last byte is written: ``download_verified`` runs the caller's
+next step (conversion, fsync) meanwhile and publishes nothing unless the
+hash matches.
 
 No unverified bytes: before anything is requested, ``hash_to_verify``
 decides what the bits will be checked against. Only a strong multihash is
@@ -39,19 +46,22 @@ import time
 
 from agent import errors
 from agent.images import inspection
-from agent.images.glance import backoff_delays
-from agent.images.sources import TransientSourceError
+from agent.images.sources import TransientSourceError, backoff_delays
 from agent.metrics import REGISTRY
 
 LOG = logging.getLogger(__name__)
 
 SPARSE_BLOCK = 64 * 1024
 _ZERO_BLOCK = bytes(SPARSE_BLOCK)
-_ZERO_CHUNK = bytes(4 * 1024 * 1024)
-_HASH_READ = 4 * 1024 * 1024
-_QUEUE_DEPTH = 8
-_CHUNK = 1024 * 1024     # the receiver queues up to this much at once ...
+_QUEUE_DEPTH = 3         # chunks received, not yet written
+_HASH_DEPTH = 3          # chunks written, not yet hashed (more: read back)
+_CHUNK = 512 * 1024      # the receiver queues up to this much at once ...
 _COALESCE = 0.25         # ... or what arrived within this many seconds
+#: the writer starts the writeback of every this many bytes it wrote
+_WRITEBACK = 32 * 1024 * 1024
+#: sync_file_range errors meaning "not here": the final fsync does it all
+_NO_WRITEBACK_ERRNOS = (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP,
+                        errno.ESPIPE)
 #: longest wait of the caller's thread between two checks of cancellation,
 #: deadline and rate
 TICK = 0.5
@@ -172,25 +182,23 @@ class _Opened:
         self.generation = generation
 
 
-def _is_zero(data):
-    """Whether ``data`` (bytes) is all zeros; a memcmp, not a byte loop."""
-    n = len(data)
-    if n <= len(_ZERO_CHUNK):
-        return data == _ZERO_CHUNK[:n] if n != SPARSE_BLOCK \
-            else data == _ZERO_BLOCK
-    return data.count(0) == n
+def _zero_block(data, pos, end):
+    """Whether ``data[pos:end]`` is all zeros: a memcmp in place (no slice,
+    no copy); it stops at the first non-zero byte."""
+    if end - pos == SPARSE_BLOCK:
+        return data.startswith(_ZERO_BLOCK, pos)
+    return data.startswith(_ZERO_BLOCK[:end - pos], pos)
 
 
 def _pwrite_sparse(fd, data, offset):
-    """Write ``data`` at ``offset``, leaving all-zero blocks as holes."""
-    if _is_zero(data):
-        return
+    """Write ``data`` (bytes) at ``offset``, leaving all-zero blocks as
+    holes."""
     length = len(data)
     start = None  # start of the current run of non-zero blocks
     pos = 0
     while pos < length:
         end = min(pos + SPARSE_BLOCK, length)
-        if _is_zero(data[pos:end]):
+        if _zero_block(data, pos, end):
             if start is not None:
                 _pwrite_all(fd, data, start, pos, offset)
                 start = None
@@ -199,6 +207,58 @@ def _pwrite_sparse(fd, data, offset):
         pos = end
     if start is not None:
         _pwrite_all(fd, data, start, length, offset)
+
+
+_SYNC_FILE_RANGE_WRITE = 2  # <linux/fs.h>: start writeback, do not wait
+
+
+def _sync_file_range():
+    """libc's ``sync_file_range`` through ctypes (Python's os module has
+    none; ctypes releases the GIL during the call), or None where there is
+    none."""
+    try:
+        import ctypes
+        func = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (ImportError, OSError, AttributeError):
+        return None
+    func.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64,
+                     ctypes.c_uint)
+    func.restype = ctypes.c_int
+
+    def sync_file_range(fd, offset, length):
+        if func(fd, offset, length, _SYNC_FILE_RANGE_WRITE) != 0:
+            code = ctypes.get_errno()
+            raise OSError(code, os.strerror(code))
+    return sync_file_range
+
+
+class _Writeback:
+    """Starts the writeback of what was written, every ``_WRITEBACK``
+    bytes, with ``sync_file_range(SYNC_FILE_RANGE_WRITE)``: it does not
+    wait for the disk and leaves the pages cached, so the disk works while
+    the download goes on and the final fsync only waits for the tail.
+    Where it is not supported it stops trying: the fsync still makes
+    everything durable. Off (``enabled=False``) for a file that is not
+    kept (converted, then discarded): writing it back would only cost."""
+
+    def __init__(self, fd, enabled=True):
+        self.fd = fd
+        self.started = 0
+        self.sync = _sync_file_range() if enabled else None
+
+    def written(self, offset):
+        if self.sync is None or offset - self.started < _WRITEBACK:
+            return
+        try:
+            self.sync(self.fd, self.started, offset - self.started)
+        except OSError as exc:
+            if exc.errno not in _NO_WRITEBACK_ERRNOS:
+                raise
+            self.sync = None
+        self.started = offset
+
+    def restart(self):
+        self.started = 0
 
 
 def _pwrite_all(fd, data, start, end, offset):
@@ -210,56 +270,124 @@ def _pwrite_all(fd, data, start, end, offset):
         position += written
 
 
-class _FileHasher(threading.Thread):
-    """Hashes a file as it is written, reading it back from the page cache
-    (holes read as zeros: the hash is of the bytes as sent)."""
+class _Buffers:
+    """Receive buffers (``bytearray`` of ``_CHUNK`` bytes) used again and
+    again: no allocation, no page faults per chunk, and a bounded peak.
 
-    def __init__(self, fd, algo):
+    A full buffer travels receiver -> writer -> hasher; the last of them to
+    use it gives it back (the hasher, after the writer: it is never filled
+    again before it is both written and hashed). One that is dropped on the
+    way (a restart, an error) is simply garbage; the queues bound how many
+    are out at once."""
+
+    def __init__(self, keep):
+        self.keep = keep
+        self.free = []
+
+    def take(self):
+        try:
+            return self.free.pop()
+        except IndexError:
+            return bytearray(_CHUNK)
+
+    def give(self, chunk):
+        if type(chunk) is bytearray and len(self.free) < self.keep:
+            self.free.append(chunk)
+
+
+class _Hasher(threading.Thread):
+    """Hashes what the writer wrote, in order, never holding the writer up.
+
+    Each chunk just written is handed over by reference when the queue has
+    room: ``bytes``, or a receive buffer that nobody fills again before it
+    is hashed and given back here, so what is hashed is exactly what was
+    received and written. When the queue is full (the hash is behind, or
+    its core is busy) the writer goes on, and the hasher reads that range
+    back from the file instead, through the page cache (holes read as
+    zeros: the writer extends the file over trailing holes first). Either
+    way the hash is of the bytes as sent, zeros included; the page cache
+    absorbs the lag instead of the process's memory, and the writer and
+    receiver run at the source's pace."""
+
+    def __init__(self, fd, algo, buffers):
         super().__init__(daemon=True, name='image-hasher')
         self.hasher = hashlib.new(algo)
         self.fd = os.dup(fd)
-        self.cond = threading.Condition()
-        self.written = 0
-        self.finished = False
+        self.buffers = buffers
+        self.queue = queue.Queue(_HASH_DEPTH)
+        self.position = 0  # bytes hashed
         self.cancelled = False
         self.error = None
 
-    def advance(self, written, finished=False):
-        with self.cond:
-            self.written = written
-            self.finished = finished
-            self.cond.notify()
+    def feed(self, offset, chunk):
+        """Hand over ``chunk``, just written at ``offset``; False when there
+        is no room: the caller extends the file to its end, and the hasher
+        reads it back."""
+        try:
+            self.queue.put_nowait((offset, chunk))
+            return True
+        except queue.Full:
+            return False
+
+    def finish(self, size, check):
+        """All ``size`` bytes are written; ``hexdigest()`` then waits for
+        the hash. Waits at most ``TICK`` at a time for room (``check`` runs
+        between waits)."""
+        while True:
+            try:
+                self.queue.put((size, _DONE), timeout=TICK)
+                return
+            except queue.Full:
+                check()
 
     def cancel(self):
-        with self.cond:
-            self.cancelled = True
-            self.cond.notify()
+        self.cancelled = True
+        while True:  # the writer is the only producer: room is made here
+            try:
+                self.queue.put_nowait((0, _DONE))
+                break
+            except queue.Full:
+                try:
+                    self.queue.get_nowait()
+                except queue.Empty:
+                    pass
         self.join()
 
     def run(self):
-        position = 0
+        update = self.hasher.update
+        get = self.queue.get
         try:
             while True:
-                with self.cond:
-                    while not (self.cancelled or self.written > position or
-                               self.finished):
-                        self.cond.wait()
-                    if self.cancelled:
-                        return
-                    end, finished = self.written, self.finished
-                while position < end:
-                    data = os.pread(self.fd, min(_HASH_READ, end - position),
-                                    position)
-                    if not data:
-                        raise IOError('file shrank under the hasher')
-                    self.hasher.update(data)
-                    position += len(data)
-                if finished and position >= end:
+                offset, chunk = get()
+                if self.cancelled:
                     return
+                if offset != self.position:
+                    self._read_back(offset)
+                if chunk is _DONE:
+                    return
+                update(chunk)
+                self.position += len(chunk)
+                self.buffers.give(chunk)
         except BaseException as exc:  # reported by hexdigest()
             self.error = exc
         finally:
             os.close(self.fd)
+
+    def _read_back(self, end):
+        """Hash the file from ``position`` to ``end``."""
+        if end < self.position:
+            raise RuntimeError('the hasher is past byte %d at %d'
+                               % (end, self.position))
+        buffer = memoryview(bytearray(min(_CHUNK, end - self.position)))
+        while self.position < end:
+            want = buffer[:min(len(buffer), end - self.position)]
+            got = os.preadv(self.fd, [want], self.position)
+            if got <= 0:
+                raise IOError('the file ends at byte %d, before byte %d '
+                              'written' % (self.position, end))
+            self.hasher.update(want[:got])
+            self.position += got
+        buffer.release()
 
     def hexdigest(self):
         self.join()
@@ -279,9 +407,10 @@ class _Receiver(threading.Thread):
     ``stop()`` ends it all; both are called from the caller's thread.
     """
 
-    def __init__(self, source, image, delays):
+    def __init__(self, source, image, delays, buffers):
         super().__init__(daemon=True, name='image-receiver')
         self.source = source
+        self.buffers = buffers
         self.image = image
         self.delays = delays
         self.attempts = 0
@@ -352,6 +481,8 @@ class _Receiver(threading.Thread):
     def _pump(self, stream, offset):
         """Queue the stream's bytes; return the offset after them (also
         kept in ``_offset`` as they are queued)."""
+        if stream.readinto is not None:
+            return self._pump_into(stream, offset)
         self._offset = offset
         pending, pending_size, since = [], 0, None
         try:
@@ -369,6 +500,44 @@ class _Receiver(threading.Thread):
             if pending:
                 self._flush(pending, pending_size)
         return self._offset
+
+    def _pump_into(self, stream, offset):
+        """``_pump`` for a stream that reads into buffers: each is queued
+        when full (then given back after it is written and hashed) or when
+        the coalescing time is up (then its bytes are copied)."""
+        self._offset = offset
+        buffer, view, filled, since = None, None, 0, None
+        try:
+            while True:
+                if buffer is None:
+                    buffer = self.buffers.take()
+                    view, filled = memoryview(buffer), 0
+                got = stream.readinto(view[filled:])
+                if not got:
+                    break
+                filled += got
+                now = time.monotonic()
+                since = since or now
+                if filled == len(buffer) or now - since >= _COALESCE:
+                    view.release()
+                    self._flush_buffer(buffer, filled)
+                    buffer, view, since = None, None, None
+                if self._abandoned is not None or self.stopped.is_set():
+                    break
+        finally:
+            if buffer is not None:
+                view.release()
+                if filled:
+                    self._flush_buffer(buffer, filled)
+        return self._offset
+
+    def _flush_buffer(self, buffer, filled):
+        if filled == len(buffer):
+            self._put(buffer)
+        else:
+            self._put(bytes(memoryview(buffer)[:filled]))
+            self.buffers.give(buffer)
+        self._offset += filled
 
     def _flush(self, pending, size):
         self._put(pending[0] if len(pending) == 1 else b''.join(pending))
@@ -466,7 +635,8 @@ class Download:
             self._hasher.cancel()
 
 
-def download(source, image, dest_fd, limits=None, progress=None):
+def download(source, image, dest_fd, limits=None, progress=None,
+             writeback=True):
     """Stream ``image`` from ``source`` into the new, empty file open on
     ``dest_fd`` (the caller's; it stays open).
 
@@ -477,6 +647,8 @@ def download(source, image, dest_fd, limits=None, progress=None):
     :param progress: ``callable(done_bytes, total_bytes)``, called at every
         chunk and at least every ``TICK`` seconds; it may raise (e.g.
         ``Cancelled``) to stop the download
+    :param writeback: start writing the file back to disk as it comes (for
+        a file that will be fsynced; not for one converted, then discarded)
     :raises WeakImageHash, UnknownHashAlgorithm: before any request
     :raises DownloadFailed: transient failures outlasted the retries
         (DownloadTooSlow when the last one was the minimum rate)
@@ -489,7 +661,9 @@ def download(source, image, dest_fd, limits=None, progress=None):
     fd = dest_fd
     hasher = None
     watch = _Watch(image, limits, progress)
-    receiver = _Receiver(source, image, backoff_delays(limits.retries))
+    buffers = _Buffers(_QUEUE_DEPTH + _HASH_DEPTH + 3)
+    receiver = _Receiver(source, image, backoff_delays(limits.retries),
+                         buffers)
     offset = 0
 
     def chunks():
@@ -511,25 +685,36 @@ def download(source, image, dest_fd, limits=None, progress=None):
                 raise item
             yield item
 
+    def check():
+        watch.check(offset, receiver)
+
+    writeback = _Writeback(fd, writeback)
     receiver.start()
     try:
         while True:  # once, and again if the source restarts from byte 0
-            hasher = _FileHasher(fd, expected[0]) if expected else None
+            hasher = _Hasher(fd, expected[0], buffers) if expected \
+                else None
             if hasher:
                 hasher.start()
             wrapper = inspection.new_stream_inspector(chunks())
             try:
                 for chunk in wrapper:
-                    _pwrite_sparse(fd, chunk, offset)
-                    offset += len(chunk)
-                    if image.size is not None and offset > image.size:
+                    end = offset + len(chunk)
+                    if image.size is not None and end > image.size:
                         raise errors.ImageUnacceptable(
                             image_id=image.id, reason='the source sent more '
                             'than the %d bytes its metadata says' % image.size)
-                    if hasher:
-                        os.ftruncate(fd, offset)  # holes at the end read back
-                        hasher.advance(offset)
-                    watch.check(offset, receiver)
+                    _pwrite_sparse(fd, chunk, offset)
+                    # hashed while the next one is written (a receive
+                    # buffer goes back after both), or read back
+                    if hasher is None:
+                        buffers.give(chunk)
+                    elif not hasher.feed(offset, chunk):
+                        os.ftruncate(fd, end)  # trailing holes read back
+                        buffers.give(chunk)
+                    offset = end
+                    writeback.written(offset)
+                    check()
             except _SourceRestarted:
                 LOG.info('image %s: the source sent the whole image instead '
                          'of resuming at byte %d; starting over', image.id,
@@ -538,6 +723,7 @@ def download(source, image, dest_fd, limits=None, progress=None):
                     hasher.cancel()
                 os.ftruncate(fd, 0)
                 offset = 0
+                writeback.restart()
                 continue
             except OSError as exc:
                 if exc.errno in NO_SPACE_ERRNOS:
@@ -555,14 +741,14 @@ def download(source, image, dest_fd, limits=None, progress=None):
                                             attempts=receiver.attempts,
                                             reason=str(last))
             break
-        os.ftruncate(fd, offset)
+        os.ftruncate(fd, offset)  # holes at the end
         if image.size is not None and offset != image.size:
             raise errors.DownloadFailed(
                 image_id=image.id, attempts=receiver.attempts,
                 reason='got %d bytes, the image has %d' % (offset, image.size))
         inspector = inspection.stream_result(wrapper, image.id)
         if hasher:
-            hasher.advance(offset, finished=True)
+            hasher.finish(offset, check)
     except BaseException:
         if hasher:
             hasher.cancel()
@@ -580,7 +766,7 @@ def download(source, image, dest_fd, limits=None, progress=None):
 
 
 def download_verified(source, image, dest_fd, then=None, limits=None,
-                      progress=None):
+                      progress=None, writeback=True):
     """Download, check format and safety, run ``then``, verify the hash.
 
     ``then(qemu_format, virtual_size)`` (e.g. convert, or fsync) runs while
@@ -592,7 +778,7 @@ def download_verified(source, image, dest_fd, then=None, limits=None,
     """
     limits = limits or DownloadLimits()
     pending = download(source, image, dest_fd, limits=limits,
-                       progress=progress)
+                       progress=progress, writeback=writeback)
     try:
         result = pending.result
         virtual_size = inspection.check_image(

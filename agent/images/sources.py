@@ -3,6 +3,11 @@
 import abc
 
 
+def backoff_delays(retries, base=0.5, cap=8.0):
+    """Delays before each retry: 0.5, 1, 2, 4, 8, 8, ... seconds."""
+    return [min(cap, base * (2 ** n)) for n in range(retries)]
+
+
 class DataStream:
     """Image bits from ``offset`` on, as an iterator of ``bytes`` chunks.
 
@@ -12,13 +17,21 @@ class DataStream:
     ``close()`` belongs to the thread that iterates; ``abort()`` may be
     called from any thread and makes a read blocked in the iteration return
     soon (with an error or the end of the stream).
+
+    A source may also offer ``readinto``: ``readinto(buffer)`` fills the
+    start of a writable ``buffer`` with what has arrived (at least one byte,
+    waiting for it if needed) and returns how many bytes, 0 at the end, so
+    the reader can receive into buffers it reuses instead of a new object
+    per read. ``readinto`` is None where it does not.
     """
 
-    def __init__(self, chunks, offset=0, close=None, abort=None):
+    def __init__(self, chunks, offset=0, close=None, abort=None,
+                 readinto=None):
         self._chunks = chunks
         self.offset = offset
         self._close = close
         self._abort = abort
+        self.readinto = readinto
 
     def __iter__(self):
         return iter(self._chunks)

@@ -74,6 +74,63 @@ def test_sparse_writes_leave_zero_blocks_as_holes(tmp_path):
     assert st.st_blocks * 512 <= 4 * block
 
 
+def test_sparse_writes_of_a_receive_buffer_with_a_short_tail(tmp_path):
+    """A reused receive buffer (bytearray) is written like bytes: zero
+    blocks, a non-zero block that starts with zeros, a short tail."""
+    block = download.SPARSE_BLOCK
+    data = bytearray(b'\0' * block * 3 + b'\0' * 100 + b'z' +
+                     b'\0' * (block - 101) + b'\0' * 300 + b't')
+    path = tmp_path / 'out'
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.ftruncate(fd, len(data))
+        download._pwrite_sparse(fd, data, 0)
+        download._pwrite_sparse(fd, bytearray(500), len(data))  # a hole
+        os.ftruncate(fd, len(data) + 500)
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == bytes(data) + b'\0' * 500
+    # the three leading zero blocks stay holes
+    assert os.stat(path).st_blocks * 512 <= 3 * block
+
+
+def test_hasher_reads_back_what_it_had_no_room_for(tmp_path):
+    """Chunks the hasher's queue has no room for are read back from the
+    file, holes (trailing ones too) as zeros: the digest is that of the
+    bytes as sent, whichever way each chunk came."""
+    import time
+    block = download.SPARSE_BLOCK
+    chunks = [b'a' * block, bytes(block), b'b' * 7 + bytes(block - 7),
+              bytes(block), b'c' * block, bytes(block)]
+    fd = os.open(tmp_path / 'out', os.O_RDWR | os.O_CREAT, 0o600)
+    hasher = download._Hasher(fd, 'sha512', download._Buffers(0))
+    handed = []
+    try:
+        offset = 0
+        for i, chunk in enumerate(chunks):
+            download._pwrite_sparse(fd, chunk, offset)
+            end = offset + len(chunk)
+            if i == 4:  # after a read-back, in memory again
+                hasher.start()
+                while not hasher.feed(offset, chunk):
+                    time.sleep(0.01)
+                handed.append(i)
+            elif i < 4 and hasher.feed(offset, chunk):
+                handed.append(i)
+            else:  # no room (the fourth), or as if none (the last)
+                os.ftruncate(fd, end)
+            offset = end
+        os.ftruncate(fd, offset)
+        hasher.finish(offset, lambda: None)
+        digest = hasher.hexdigest()
+    finally:
+        os.close(fd)
+    # the first three went in memory, the fourth was read back (a hole at
+    # the end of the file then), the fifth in memory, the last read back
+    assert handed == [0, 1, 2, 4]
+    assert digest == hashlib.sha512(b''.join(chunks)).hexdigest()
+
+
 def test_metrics_text_is_prometheus_exposition():
     registry = metrics.Registry()
     registry.inc('template_agent_fetches_total', handler='downloading',
