@@ -7,6 +7,7 @@ which writes ``etc/template-agent.conf.sample``.
 """
 
 import os
+import socket
 
 from oslo_config import cfg
 
@@ -23,6 +24,16 @@ the external file locks shared with nova-compute in ``$instances_path/locks``.
 Related options:
 
 * ``[image_cache] subdirectory_name``
+"""),
+    cfg.StrOpt(
+        'host',
+        default=socket.gethostname(),
+        sample_default='<current_hostname>',
+        help="""
+Name of this host, as nova-compute's ``host``: the name the volume backend
+gives Cinder in connectors and attachments, and that the image-volume cache
+shows as a holder. Keep it equal to nova's on the same hypervisor, and
+unique in the fleet.
 """),
     cfg.StrOpt(
         'state_path',
@@ -343,13 +354,20 @@ VOLUME_LINKING_OPTS = [
         default='local',
         choices=[('local', 'sparse files exported as loop devices, in '
                   '[local_volumes] path'),
-                 ('rbd', 'Ceph RBD images (not available in this version)')],
+                 ('cinder', 'volumes of an OpenStack Cinder (the [cinder] '
+                  'options), attached with its attachments API: one '
+                  'template per image for every host sharing that Cinder')],
         help="""
 Volume backend that holds template volumes and the volumes cloned from them.
+
+With ``cinder``, templates are Cinder volumes that every agent using the
+same Cinder project finds by their metadata: one template serves the whole
+fleet, and the hosts holding it are Cinder's attachment records.
 
 Related options:
 
 * ``template_image_handler``: include ``volume_linking`` to use it
+* ``[cinder]``: how to reach Cinder, with ``backend = cinder``
 """),
     cfg.StrOpt(
         'device_links_path',
@@ -378,6 +396,82 @@ LOCAL_VOLUMES_OPTS = [
 Directory of the local volume backend: one sparse raw file per volume.
 Put it on XFS (reflink=1) or btrfs so volumes are copy-on-write clones of
 their template; elsewhere clones are sparse copies.
+"""),
+]
+
+CINDER_OPTS = [
+    cfg.StrOpt(
+        'catalog_info',
+        default='volumev3::publicURL',
+        regex=r'^[\w-]+:\w*:.*$',
+        help="""
+Info to match when looking for Cinder in the service catalog, as nova's
+``[cinder] catalog_info``: ``<service_type>:<service_name>:<interface>``.
+Not used with ``endpoint_template``, ``endpoint_override`` or an auth
+plugin that names its endpoint itself (``admin_token``).
+
+Related options:
+
+* ``endpoint_template``, ``os_region_name``
+"""),
+    cfg.StrOpt(
+        'endpoint_template',
+        help="""
+Override the catalog lookup with a URL template with the project id, as
+nova's: e.g. ``http://cinder.example.org:8776/v3/%(project_id)s``.
+"""),
+    cfg.StrOpt(
+        'os_region_name',
+        help="Region name of this node, to pick Cinder in the catalog."),
+    cfg.IntOpt(
+        'http_retries',
+        default=3,
+        min=0,
+        help="""
+Times to retry a Cinder request that failed to connect (as nova's); the
+session's ``timeout`` bounds each attempt.
+"""),
+    cfg.StrOpt(
+        'volume_type',
+        help="""
+Cinder volume type of the template volumes and of the volumes cloned from
+them. A template is attached by every host at once, so the type must allow
+multiattach (``multiattach="<is> True"``); unset: Cinder's default type.
+"""),
+    cfg.StrOpt(
+        'ceph_conf',
+        default='/etc/ceph/ceph.conf',
+        help="""
+Ceph configuration for the userspace attach route (a
+``qemu-storage-daemon`` export of an RBD volume, where the kernel has no
+``rbd`` module): keyrings and options the connection info does not carry.
+The monitors themselves come from Cinder's connection info.
+"""),
+    cfg.IntOpt(
+        'api_timeout',
+        default=60,
+        min=1,
+        help="""
+Seconds for one Cinder request when the session sets no ``timeout``.
+"""),
+    cfg.IntOpt(
+        'operation_timeout',
+        default=300,
+        min=1,
+        help="""
+Seconds to wait for Cinder to finish an operation it does in the
+background (a volume created, cloned, extended or deleted), and for an
+attach route to come up (``qemu-storage-daemon``, os-brick).
+"""),
+    cfg.IntOpt(
+        'template_wait_timeout',
+        default=1800,
+        min=1,
+        help="""
+Seconds to wait for the template another host is writing (concurrent
+misses for the same image on several hosts make one template: the others
+wait for it). After that, this host's handler gives up and the next
+handler (e.g. ``downloading``) serves.
 """),
 ]
 
@@ -574,10 +668,34 @@ def list_opts():
         ('libvirt', LIBVIRT_OPTS),
         ('volume_linking', VOLUME_LINKING_OPTS),
         ('local_volumes', LOCAL_VOLUMES_OPTS),
+        ('cinder', CINDER_OPTS + keystoneauth_opts()),
         ('image_volume_cache', IMAGE_VOLUME_CACHE_OPTS),
         ('api', API_OPTS),
         ('metrics', METRICS_OPTS),
     ]
+
+
+def keystoneauth_opts(plugins=('password', 'admin_token')):
+    """keystoneauth1's session, adapter and auth options of the
+    ``[cinder]`` group, as nova registers its own ``[cinder]`` group, with
+    the options of the named auth plugins for the sample; [] when
+    keystoneauth1 (the ``cinder`` extra) is not installed."""
+    try:
+        from keystoneauth1 import loading as ks_loading
+    except ImportError:
+        return []
+    opts = ks_loading.get_session_conf_options() + \
+        ks_loading.get_adapter_conf_options(include_deprecated=False) + \
+        ks_loading.get_auth_common_conf_options()
+    for plugin in plugins:
+        opts += ks_loading.get_auth_plugin_conf_options(plugin)
+    seen = set(o.dest for o in CINDER_OPTS)
+    unique = []
+    for opt in opts:
+        if opt.dest not in seen:
+            seen.add(opt.dest)
+            unique.append(opt)
+    return unique
 
 
 CONFIG_ENV = 'TEMPLATE_AGENT_CONFIG'
