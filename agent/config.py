@@ -447,6 +447,15 @@ Ceph configuration for the userspace attach route (a
 ``rbd`` module): keyrings and options the connection info does not carry.
 The monitors themselves come from Cinder's connection info.
 """),
+    cfg.StrOpt(
+        'exports_path',
+        default='/run/template-agent/rbd-exports',
+        help="""
+Directory (created by root, writable only by root) of the userspace
+exports: a ``qemu-storage-daemon`` FUSE export of each attached RBD volume
+is mounted on a file here, with a loop device on top, where the kernel has
+no ``rbd`` driver. On a tmpfs: the exports end with the host.
+"""),
     cfg.IntOpt(
         'api_timeout',
         default=60,

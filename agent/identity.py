@@ -143,6 +143,8 @@ def _give_device_links_to(path, owner):
 def _contexts(conf):
     from agent import privileged
     contexts = list(privileged.CONTEXTS)
+    if conf.volume_linking.backend == 'cinder':
+        contexts.append(privileged.rbd_exports_context)
     if 'volume_linking' in conf.template_image_handler:
         contexts.append(brick_context())
     return contexts

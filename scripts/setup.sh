@@ -20,6 +20,6 @@ fi
 if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi
-.venv/bin/pip install -q --disable-pip-version-check -e '.[test]' \
+.venv/bin/pip install -q --disable-pip-version-check -e '.[test,cinder]' \
     > .venv/pip-install.log 2>&1 || { cat .venv/pip-install.log; exit 1; }
 echo "setup: ready (.venv/bin/template-agent)"

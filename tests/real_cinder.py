@@ -423,8 +423,10 @@ class RealCinder:
             os.path.join(m, 'mysqld.err'), proc)
         self._run(['mariadb', '--defaults-file=' + cnf, '-uroot', '-e',
                    "CREATE DATABASE cinder CHARACTER SET utf8mb4; "
-                   "CREATE USER 'cinder'@'127.0.0.1' IDENTIFIED BY 'cinder'; "
-                   "GRANT ALL ON cinder.* TO 'cinder'@'127.0.0.1';"], 'mariadb')
+                   "CREATE USER 'cinder'@'127.0.0.1' "
+                   "IDENTIFIED BY 'cinder'; "
+                   "GRANT ALL ON cinder.* TO 'cinder'@'127.0.0.1';"],
+                  'mariadb')
 
     # -- cinder ---------------------------------------------------------------
     def _configure_cinder(self):

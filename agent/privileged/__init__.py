@@ -20,6 +20,10 @@ context            capabilities                    what
 ``process_context``CAP_SYS_PTRACE,                 which processes hold given
                    CAP_DAC_READ_SEARCH             files or devices open
                                                    (``/proc/PID/fd``)
+``rbd_exports_``   CAP_SYS_ADMIN, CAP_KILL,        qemu-storage-daemon FUSE
+``context``        CAP_DAC_READ_SEARCH             exports of RBD volumes
+                                                   and loop devices on them,
+                                                   in a root-owned directory
 ``os_brick``       os-brick's own (CAP_SYS_ADMIN,  os-brick connector calls
                    CAP_DAC_READ_SEARCH)
 =================  ==============================  =======================
@@ -44,8 +48,17 @@ process_context = priv_context.PrivContext(
     capabilities=[caps.CAP_SYS_PTRACE, caps.CAP_DAC_READ_SEARCH],
     logger_name=__name__ + '.process_files', timeout=120)
 
+rbd_exports_context = priv_context.PrivContext(
+    __name__, cfg_section='privsep_rbd_exports',
+    pypath=__name__ + '.rbd_exports_context',
+    capabilities=[caps.CAP_SYS_ADMIN, caps.CAP_KILL,
+                  caps.CAP_DAC_READ_SEARCH],
+    logger_name=__name__ + '.rbd_exports', timeout=600)
+
+#: the contexts every dropped agent forks; ``rbd_exports_context`` only
+#: with ``[volume_linking] backend = cinder`` (``agent.identity``)
 CONTEXTS = (loop_context, process_context)
 
 # in process until ``agent.identity.enter`` forks the daemons and drops
-for _context in CONTEXTS:
+for _context in CONTEXTS + (rbd_exports_context,):
     _context.set_client_mode(False)

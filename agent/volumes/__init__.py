@@ -1,8 +1,9 @@
-"""Volume backends: local (embedded default), rbd (Ceph)."""
+"""Volume backends: local (embedded default), cinder (OpenStack Cinder)."""
 
 from agent import errors
 
-BACKENDS = {'local': 'agent.volumes.local:LocalVolumeBackend'}
+BACKENDS = {'local': 'agent.volumes.local:LocalVolumeBackend',
+            'cinder': 'agent.volumes.cinder:CinderVolumeBackend'}
 
 
 def from_config(conf):

@@ -36,6 +36,9 @@ class Volume:
 class VolumeBackend(abc.ABC):
     #: short name, as in ``[volume_linking] backend``
     name = None
+    #: whether other hosts' agents see the same volumes (then templates are
+    #: found, elected and held across hosts: ``holders``)
+    shared = False
 
     def __init__(self, conf):
         self.conf = conf
@@ -63,6 +66,11 @@ class VolumeBackend(abc.ABC):
     @abc.abstractmethod
     def update_metadata(self, volume_id, **changes):
         """Merge ``changes`` into the volume's metadata."""
+
+    def holders(self, volume_id):
+        """The other hosts that hold ``volume_id`` (have it attached), for
+        a ``shared`` backend; none for a local one."""
+        return []
 
     @abc.abstractmethod
     def delete(self, volume_id):
