@@ -667,8 +667,10 @@ atomically after each cache manager pass and every minute. Unset: only
 ]
 
 
-def list_opts():
-    """Options for oslo-config-generator (namespace ``template_agent``)."""
+def list_opts(auth_plugins=('password', 'admin_token')):
+    """Options for oslo-config-generator (namespace ``template_agent``),
+    with the options of ``auth_plugins`` in ``[cinder]``: the plugin that
+    ``[cinder] auth_type`` names registers its own when Cinder is used."""
     return [
         ('DEFAULT', DEFAULT_OPTS),
         ('image_cache', IMAGE_CACHE_OPTS),
@@ -677,7 +679,7 @@ def list_opts():
         ('libvirt', LIBVIRT_OPTS),
         ('volume_linking', VOLUME_LINKING_OPTS),
         ('local_volumes', LOCAL_VOLUMES_OPTS),
-        ('cinder', CINDER_OPTS + keystoneauth_opts()),
+        ('cinder', CINDER_OPTS + keystoneauth_opts(auth_plugins)),
         ('image_volume_cache', IMAGE_VOLUME_CACHE_OPTS),
         ('api', API_OPTS),
         ('metrics', METRICS_OPTS),
@@ -720,7 +722,7 @@ def load(config_files=None, overrides=None):
         for DEFAULT, applied after parsing (used by tests and the CLI).
     """
     conf = cfg.ConfigOpts()
-    for group, opts in list_opts():
+    for group, opts in list_opts(auth_plugins=()):
         conf.register_opts(opts, group=None if group == 'DEFAULT' else group)
     files = list(config_files or [])
     if not files and os.environ.get(CONFIG_ENV):

@@ -24,7 +24,6 @@ import hashlib
 import json
 import logging
 import os
-import socket
 import time
 import uuid
 
@@ -73,7 +72,7 @@ class ImageVolumeCache:
     def __init__(self, conf, backend, host=None):
         self.conf = conf
         self.backend = backend
-        self.host = host or socket.gethostname()
+        self.host = host or conf.host
         self.state_dir = os.path.join(conf.state_path, 'image-volume-cache')
         os.makedirs(self.state_dir, exist_ok=True)
         self.db = diskcache.Cache(os.path.join(self.state_dir, 'entries'),
@@ -152,8 +151,13 @@ class ImageVolumeCache:
             if entry and _newer(image.updated_at, entry.image_updated_at):
                 self._retire(entry, 'image updated at %s' % image.updated_at)
                 entry = None
+            if entry is None and self.backend.shared:
+                entry = self._adopt(image)
             if entry:
                 self._event('hit', entry)
+            elif self.backend.shared:
+                entry, kind = self._populate_shared(image, source, progress)
+                self._event(kind, entry)
             else:
                 entry = self._populate(image, source, progress)
                 self._event('miss', entry)
@@ -217,6 +221,8 @@ class ImageVolumeCache:
             meta = volume.metadata
             if meta.get('kind') != 'template' or volume.id in known:
                 continue
+            if self.backend.shared and not self._orphan_here(volume):
+                continue  # another host's, or in use by the fleet
             with self.lock(meta.get('image_id') or volume.id):
                 if volume.id in {e.volume_id for e in self.entries()}:
                     continue
@@ -225,28 +231,47 @@ class ImageVolumeCache:
                     continue  # being written by a live process
                 LOG.info('deleting orphan template volume %s of image %s',
                          volume.id, meta.get('image_id'))
-                self.backend.delete(volume.id)
+                try:
+                    self.backend.delete(volume.id)
+                except errors.VolumeAttached:
+                    continue  # attached meanwhile
                 gone.append(volume.id)
         return gone
+
+    def _orphan_here(self, volume):
+        """On a shared backend, whether a template no entry here knows is
+        this host's to delete: one this host began and whose writer is
+        gone, or a retired one that no host has attached."""
+        meta = volume.metadata
+        if meta.get('status') == 'creating':
+            return meta.get('host') == self.host
+        return meta.get('state') == 'stale' and not \
+            self.backend.holders(volume.id)
 
     def _reload(self, entry):
         data = self.db.get('entry:' + entry.volume_id)
         return CacheEntry(**data) if data else None
 
-    def _populate(self, image, source, progress):
-        """Create the template volume and write the image into it once."""
+    def _populate(self, image, source, progress, volume_id=None):
+        """Create the template volume (or take ``volume_id``, claimed
+        already) and write the image into it once."""
         tmp_dir = os.path.join(self.state_dir, 'tmp')
         os.makedirs(tmp_dir, exist_ok=True)
         part = os.path.join(tmp_dir, '%s.%d.part' % (hashlib.sha1(
             image.id.encode()).hexdigest(), os.getpid()))
-        volume_id = None
         try:
             def write_template(fmt, virtual_size):
                 nonlocal volume_id
-                self.enforce_limits(reserve_bytes=virtual_size,
-                                    reserve_count=1, locked_image=image.id)
-                volume_id = self.backend.create(virtual_size, {
-                    'kind': 'template', 'image_id': image.id})
+                if volume_id is None:
+                    self.enforce_limits(reserve_bytes=virtual_size,
+                                        reserve_count=1,
+                                        locked_image=image.id)
+                    volume_id = self.backend.create(virtual_size, {
+                        'kind': 'template', 'image_id': image.id})
+                else:
+                    self.backend.extend(volume_id, virtual_size)
+                    self.backend.update_metadata(volume_id,
+                                                 virtual_size=virtual_size)
                 self.backend.write_image(volume_id, part, fmt)
 
             files.unlink_quietly(part)
@@ -270,17 +295,117 @@ class ImageVolumeCache:
                           image_updated_at=image.updated_at, created=now,
                           last_used=now, disk_format=image.disk_format)
 
+    # -- a backend shared by several hosts -----------------------------------
+    def _templates(self, image):
+        """Template volumes of ``image`` any host made for this version of
+        it (not retired), oldest claim first: the first is the one every
+        host uses."""
+        found = [v for v in self.backend.list()
+                 if v.metadata.get('kind') == 'template'
+                 and v.metadata.get('image_id') == image.id
+                 and v.metadata.get('state', 'fresh') == 'fresh'
+                 and v.metadata.get('image_updated_at') == image.updated_at
+                 and v.metadata.get('status') in ('creating', 'available')]
+        return sorted(found, key=lambda v: (v.metadata.get('created_at')
+                                            or '', v.id))
+
+    def _entry_of(self, image, volume):
+        now = time.time()
+        return CacheEntry(image_id=image.id, volume_id=volume.id,
+                          backend=self.backend.name,
+                          size_bytes=volume.metadata.get('virtual_size')
+                          or volume.size_bytes,
+                          image_updated_at=image.updated_at, created=now,
+                          last_used=now, disk_format=image.disk_format)
+
+    def _adopt(self, image):
+        """An entry for the written template another host made."""
+        for volume in self._templates(image):
+            if volume.metadata.get('status') == 'available':
+                return self._entry_of(image, volume)
+        return None
+
+    def _populate_shared(self, image, source, progress):
+        """Concurrent misses on several hosts make one template: each
+        claims one by creating an empty template volume; the oldest claim
+        wins (ties: the smaller id), the others delete theirs and wait for
+        it to be written. ``(entry, 'miss'|'hit')``."""
+        deadline = time.monotonic() + self.backend.template_wait_timeout
+        while True:
+            size = image.virtual_size or image.size or GiB
+            self.enforce_limits(reserve_bytes=size, reserve_count=1,
+                                locked_image=image.id)
+            claim = self.backend.create(size, {
+                'kind': 'template', 'image_id': image.id, 'state': 'fresh',
+                'image_updated_at': image.updated_at})
+            try:
+                first = next(iter(self._templates(image)), None)
+                if first is None or first.id == claim:
+                    entry = self._populate(image, source, progress,
+                                           volume_id=claim)
+                    # a claim made in the same second that this host did
+                    # not see yet may order first: then that one is used
+                    first = next(iter(self._templates(image)), None)
+                    if first is None or first.id == claim:
+                        return entry, 'miss'
+            except BaseException:
+                with contextlib.suppress(errors.AgentError):
+                    self.backend.delete(claim)
+                raise
+            self.backend.delete(claim)
+            LOG.info('image %s: the template %s another host claimed '
+                     'first is used; waiting for it to be written',
+                     image.id, first.id)
+            while time.monotonic() < deadline:
+                try:
+                    volume = self.backend.get(first.id)
+                except errors.VolumeNotFound:
+                    break  # its writer failed: claim again
+                if volume.metadata.get('status') == 'available':
+                    return self._entry_of(image, volume), 'hit'
+                time.sleep(1)
+            else:
+                raise errors.HandlerCannotServe(
+                    handler='image-volume cache', image_id=image.id,
+                    reason='the template volume %s another host is '
+                    'writing was not ready in %d s' % (
+                        first.id, self.backend.template_wait_timeout))
+
+    def holders(self, entry):
+        """Who holds ``entry``: its holders on this host, and on a shared
+        backend every other host that has its volume attached
+        (``attachment:<host>``)."""
+        held = dict(entry.holders)
+        if self.backend.shared:
+            for host in self.backend.holders(entry.volume_id):
+                if host != self.host:
+                    held['attachment:%s' % host] = None
+        return held
+
     def _retire(self, entry, reason):
         LOG.info('retiring image-volume cache entry %s of image %s: %s',
                  entry.volume_id, entry.image_id, reason)
         entry.state = 'stale'
+        if self.backend.shared:  # no host adopts it any more
+            with contextlib.suppress(errors.VolumeNotFound):
+                self.backend.update_metadata(entry.volume_id, state='stale')
         if entry.holders:
             self._put(entry)
         else:
             self._remove(entry, reason)
 
     def _remove(self, entry, reason):
-        self.backend.delete(entry.volume_id)
+        try:
+            self.backend.delete(entry.volume_id)
+        except errors.VolumeAttached as exc:
+            if entry.state == 'fresh':
+                raise
+            # retired here, still attached on another host: that host
+            # deletes it when it lets go (release, or its pass)
+            LOG.info('retired template %s of image %s stays: %s',
+                     entry.volume_id, entry.image_id, exc)
+            self._delete(entry)
+            return
         self._delete(entry)
         self._event('evict', entry, reason=reason)
 
@@ -293,10 +418,10 @@ class ImageVolumeCache:
         evicted = []
         with self.lock(image_id):
             for entry in self.entries(image_id):
-                if entry.holders:
+                held = self.holders(entry)
+                if held:
                     raise errors.CacheEntryHeld(
-                        image_id=image_id,
-                        holders=', '.join(sorted(entry.holders)))
+                        image_id=image_id, holders=', '.join(sorted(held)))
             for entry in self.entries(image_id):
                 self._remove(entry, 'evicted by request')
                 evicted.append(entry.volume_id)
@@ -331,8 +456,10 @@ class ImageVolumeCache:
                 break
             with self.lock(candidate.image_id):
                 current = self._reload(candidate)
-                if current is None or current.holders:
-                    continue  # taken meanwhile: never evict a held entry
+                if current is None or self.holders(current):
+                    # taken meanwhile, or attached on another host: never
+                    # evict a held entry
+                    continue
                 self._remove(current, 'over the cache limits')
             evicted.append(current)
             entries = [e for e in entries if e.volume_id != current.volume_id]

@@ -68,8 +68,8 @@ class VolumeBackend(abc.ABC):
         """Merge ``changes`` into the volume's metadata."""
 
     def holders(self, volume_id):
-        """The other hosts that hold ``volume_id`` (have it attached), for
-        a ``shared`` backend; none for a local one."""
+        """The hosts that have ``volume_id`` attached, for a ``shared``
+        backend (this one included); none for a local one."""
         return []
 
     @abc.abstractmethod

@@ -141,8 +141,9 @@ class VolumeSide:
         return volume.to_dict()
 
     def cache_list(self):
-        return [dict(e.to_dict(), holders=sorted(e.holders))
-                for e in self.cache.entries()]
+        cache = self.cache
+        return [dict(e.to_dict(), holders=sorted(cache.holders(e)))
+                for e in cache.entries()]
 
     def cache_evict(self, image_id):
         naming.validate_image_id(image_id)
