@@ -177,16 +177,16 @@ class BackendUnavailable(AgentError):
     message = "Volume backend %(backend)s cannot work on this host: %(reason)s"
 
 
-class VolumeServiceFailed(AgentError):
+class VolumeAttached(AgentError):
+    message = ("Volume %(volume_id)s is attached to %(hosts)s; it is not "
+               "deleted while a host holds it.")
+
+
+class VolumeServiceFailed(BackendUnavailable):
     message = ("Cinder at %(endpoint)s failed to %(action)s: %(reason)s. "
                "Check that Cinder (api, scheduler, volume) and its storage "
                "are up and that the [cinder] options reach it; nothing was "
                "left half made.")
-
-
-class VolumeAttached(AgentError):
-    message = ("Volume %(volume_id)s is attached to %(hosts)s; it is not "
-               "deleted while a host holds it.")
 
 
 class CacheEntryHeld(AgentError):

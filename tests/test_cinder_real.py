@@ -1,0 +1,298 @@
+"""The ``cinder`` volume backend against a real Cinder 29 on a real Ceph
+(``tests/real_cinder.py``), with a real Glance as the image source.
+
+Several agents on this machine act as hypervisors: each has its own
+``state_path``, ``instances_path`` and ``[DEFAULT] host``, and all share
+one Cinder project. This kernel has no ``rbd`` driver, so volumes are
+attached through the userspace route (a ``qemu-storage-daemon`` FUSE export
+and a loop device on it), chosen by the backend itself.
+"""
+
+import concurrent.futures
+import contextlib
+import glob
+import json
+import os
+import signal
+import subprocess
+import time
+import uuid
+
+import pytest
+
+from tests.conftest import AgentEnv, same_content
+from tests.real_cinder import real_cinder  # noqa: F401 (a fixture)
+from tests.real_glance import real_glance  # noqa: F401 (a fixture)
+
+CHAIN = 'volume_linking,downloading'
+MiB = 1024 * 1024
+
+
+# -- helpers ------------------------------------------------------------------
+def host_env(root, name, glance, cinder, **sections):
+    """An agent acting as hypervisor ``name``."""
+    opts = cinder.agent_options()
+    opts['exports_path'] = os.path.join(str(root), 'exports')
+    opts['operation_timeout'] = 120
+    opts['template_wait_timeout'] = 300
+    env = AgentEnv(os.path.join(str(root), name),
+                   DEFAULT={'template_image_handler': CHAIN, 'host': name},
+                   image_source={'driver': 'glance'},
+                   glance={'api_servers': glance.url},
+                   volume_linking={'backend': 'cinder'}, cinder=opts,
+                   api={'socket_path': os.path.join(str(root), name,
+                                                    'api.sock')})
+    env.configure(**sections)
+    env.host = name
+    return env
+
+
+def last_line(proc):
+    return proc.stdout.strip().splitlines()[-1]
+
+
+def overlay_equals(base, original, workdir):
+    """A qcow2 overlay on ``base`` (as nova builds an instance disk) reads
+    back as ``original``."""
+    overlay = os.path.join(str(workdir), 'ovl-%s.qcow2' % uuid.uuid4().hex)
+    subprocess.run(['qemu-img', 'create', '-f', 'qcow2', '-F', 'raw', '-b',
+                    base, overlay], check=True, capture_output=True)
+    try:
+        return same_content(overlay, original)
+    finally:
+        os.unlink(overlay)
+
+
+def agent_volumes(cinder, kind=None, image_id=None):
+    """The agents' volumes in Cinder, with their decoded metadata."""
+    found = []
+    for volume in cinder.volumes():
+        meta = {k.split(':', 1)[1]: json.loads(v)
+                for k, v in volume['metadata'].items()
+                if k.startswith('template-agent:')}
+        if meta and kind in (None, meta.get('kind')) and \
+                image_id in (None, meta.get('image_id')):
+            found.append(dict(volume, agent=meta))
+    return found
+
+
+def exports(root):
+    """The live qemu-storage-daemon exports of the hosts under ``root``:
+    ``{mountpoint: pid}``."""
+    found = {}
+    for pidfile in glob.glob(os.path.join(str(root), 'exports', '*.pid')):
+        with contextlib.suppress(OSError, ValueError):
+            with open(pidfile) as f:
+                pid = int(f.read())
+            os.kill(pid, 0)
+            found[pidfile[:-4] + '.raw'] = pid
+    return found
+
+
+@pytest.fixture
+def hosts(tmp_path, real_glance, real_cinder):
+    """Three hosts sharing the session's Cinder; at the end every base
+    is removed on every host, and nothing may stay attached or exported."""
+    envs = [host_env(tmp_path, 'hv%d' % n, real_glance, real_cinder)
+            for n in (1, 2, 3)]
+    try:
+        yield envs
+    finally:
+        for env in envs:
+            listed = env.cli('list', '--format', 'json', check=False)
+            for row in json.loads(listed.stdout or '[]'):
+                env.cli('remove', row['image_id'], check=False)
+            env.cli('init', check=False)
+        left = exports(tmp_path)
+        for pid in left.values():   # never leave a daemon behind
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        attached = [v['id'] for v in real_cinder.volumes()
+                    if v['attachments']]
+        for volume in real_cinder.volumes():
+            for att in volume['attachments']:
+                real_cinder.request('DELETE', '/attachments/%s'
+                                    % att['attachment_id'], ok=(200, 404))
+            real_cinder.request('DELETE', '/volumes/%s?cascade=true'
+                                % volume['id'], ok=(202, 400, 404))
+        assert left == {}, 'exports left running: %s' % left
+        assert attached == [], 'volumes left attached: %s' % attached
+
+
+@pytest.fixture
+def image(real_glance, image_files):
+    """A public qcow2 image in the real Glance."""
+    record = real_glance.create_image('cinder-%s' % uuid.uuid4().hex[:6],
+                                      image_files['disk.qcow2'],
+                                      disk_format='qcow2',
+                                      visibility='public')
+    return record
+
+
+# -- tests --------------------------------------------------------------------
+def test_hosts_share_one_template_link_it_and_clone_it(
+        hosts, image, image_files, real_cinder, tmp_path):
+    image_id = image['id']
+    with concurrent.futures.ThreadPoolExecutor(len(hosts)) as pool:
+        bases = list(pool.map(lambda env: last_line(env.cli(
+            'fetch', image_id)), hosts))
+
+    # concurrent misses on three hosts: one template in Cinder
+    template, = agent_volumes(real_cinder, 'template', image_id)
+    assert template['agent']['status'] == 'available'
+    assert template['multiattach'] is True
+    # every host links it, read-only, and QEMU reads the image through it
+    for base in bases:
+        assert os.path.islink(base)
+        device = os.path.realpath(base)
+        assert device.startswith('/dev/loop')
+        assert overlay_equals(base, image_files['disk.raw'], tmp_path)
+        assert subprocess.run(['qemu-img', 'compare', '-f', 'raw', '-F',
+                               'qcow2', base, image_files['disk.qcow2']],
+                              capture_output=True).returncode == 0
+    # the holders are Cinder's attachment records, one per host
+    attached = {a['host_name'] for a in real_cinder.wait_volume(
+        template['id'], ('in-use',))['attachments']}
+    assert attached == {'hv1', 'hv2', 'hv3'}
+    rows = hosts[0].cli_json('cache', 'list')
+    row, = [r for r in rows if r['image_id'] == image_id]
+    assert row['volume_id'] == template['id']
+    assert {h for h in row['holders'] if h.startswith('attachment:')} == \
+        {'attachment:hv2', 'attachment:hv3'}
+    assert any(h.startswith('link:hv1:') for h in row['holders'])
+    # one userspace export per host, owned by the agents' exports dir
+    assert len(exports(tmp_path)) == 3
+
+    # volume create on a host: a Cinder clone of the template
+    before = real_cinder.rbd_images()
+    volume_id = last_line(hosts[1].cli('volume', 'create', '--image',
+                                       image_id, '--size', '1'))
+    clone = real_cinder.request('GET', '/volumes/%s' % volume_id)['volume']
+    meta = {k.split(':', 1)[1]: json.loads(v)
+            for k, v in clone['metadata'].items()
+            if k.startswith('template-agent:')}
+    assert meta['source_volume'] == template['id']
+    assert clone['source_volid'] == template['id']
+    after = real_cinder.rbd_images()
+    new = set(after) - set(before)
+    assert 'volume-%s' % volume_id in new
+    # copy-on-write in the pool: the clone holds none of the image's bytes
+    assert after['volume-%s' % volume_id] < 1 * MiB
+    assert len(agent_volumes(real_cinder, 'template', image_id)) == 1
+
+    # removed on every host: nothing attached, the template stays cached
+    for env in hosts:
+        env.cli('remove', image_id)
+    assert real_cinder.wait_volume(template['id'], ('available',))[
+        'attachments'] == []
+    assert exports(tmp_path) == {}
+    hosts[1].cli('volume', 'delete', volume_id)
+
+
+def test_no_host_evicts_a_template_attached_on_another(
+        hosts, real_glance, image_files, real_cinder):
+    hv1, hv2 = hosts[:2]
+    first, second = (real_glance.create_image(
+        'evict-%d' % n, image_files['disk.qcow2'], disk_format='qcow2',
+        visibility='public')['id'] for n in (1, 2))
+    hv1.cli('fetch', first)                 # attached on hv1
+    template, = agent_volumes(real_cinder, 'template', first)
+    # hv2 uses it too (a clone), then keeps at most one entry
+    hv2.configure(image_volume_cache={'max_count': 1})
+    clone = last_line(hv2.cli('volume', 'create', '--image', first,
+                              '--size', '1'))
+    hv2.cli('fetch', second)                # over the limit on hv2
+    # hv2 could not evict the template hv1 has attached
+    assert [v['id'] for v in agent_volumes(real_cinder, 'template',
+                                           first)] == [template['id']]
+    proc = hv2.cli('cache', 'evict', first, check=False)
+    assert proc.returncode != 0 and 'attachment:hv1' in proc.stderr
+    assert [v['id'] for v in agent_volumes(real_cinder, 'template',
+                                           first)] == [template['id']]
+    hv1.cli('remove', first)
+    hv2.cli('remove', second)
+    hv2.cli('volume', 'delete', clone)
+    # released everywhere: now hv2 may evict it
+    hv2.cli('cache', 'evict', first)
+    assert agent_volumes(real_cinder, 'template', first) == []
+
+
+def test_stale_image_gets_a_new_template_and_the_old_one_goes_after_the_last_detach(  # noqa: E501
+        hosts, image, image_files, real_glance, real_cinder, tmp_path):
+    hv1, hv2 = hosts[:2]
+    image_id = image['id']
+    base1 = last_line(hv1.cli('fetch', image_id))
+    hv2.cli('fetch', image_id)
+    old, = agent_volumes(real_cinder, 'template', image_id)
+    time.sleep(1.1)          # Glance's updated_at has whole seconds
+    real_glance.update(image_id, revision='2')
+
+    # hv1's pass retires the old template for the whole fleet
+    report = hv1.cli_json('prune', '--yes')
+    assert image_id in report['cache_retired']
+    old_now = {v['id']: v for v in agent_volumes(real_cinder)}[old['id']]
+    assert old_now['agent']['state'] == 'stale'
+    # a new fetch/clone anywhere makes (once) a new template
+    volume_id = last_line(hv2.cli('volume', 'create', '--image', image_id,
+                                  '--size', '1'))
+    fresh = [v for v in agent_volumes(real_cinder, 'template', image_id)
+             if v['id'] != old['id']]
+    assert len(fresh) == 1
+    # the existing bases keep serving the bits they were built on
+    assert overlay_equals(base1, image_files['disk.raw'], tmp_path)
+
+    hv1.cli('remove', image_id)
+    # still attached on hv2: kept
+    assert old['id'] in {v['id'] for v in agent_volumes(real_cinder)}
+    hv2.cli('remove', image_id)
+    hv2.cli('prune', '--yes')
+    # the last host let go: deleted
+    assert old['id'] not in {v['id'] for v in agent_volumes(real_cinder)}
+    hv2.cli('volume', 'delete', volume_id)
+
+
+def test_init_restores_links_and_userspace_exports(hosts, image,
+                                                   image_files, tmp_path):
+    hv1 = hosts[0]
+    base = last_line(hv1.cli('fetch', image['id']))
+    (mountpoint, pid), = exports(tmp_path).items()
+    device = os.path.realpath(base)
+    # the service and its daemons are gone, as after a kill of the unit
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while os.path.exists('/proc/%d' % pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    subprocess.run(['umount', '-l', mountpoint], capture_output=True)
+    subprocess.run(['losetup', '-d', device], capture_output=True)
+    assert not same_content(base, image_files['disk.qcow2'])
+
+    report = hv1.cli_json('init')
+    assert report['handlers']['volume_linking']['restored'], report
+    assert len(exports(tmp_path)) == 1
+    assert overlay_equals(base, image_files['disk.raw'], tmp_path)
+    # a second init finds it intact
+    report = hv1.cli_json('init')
+    assert report['handlers']['volume_linking']['intact'], report
+    assert overlay_equals(base, image_files['disk.raw'], tmp_path)
+
+
+def test_cinder_down_is_a_clear_error_and_downloading_serves(
+        hosts, image, image_files, real_cinder, tmp_path):
+    hv3 = hosts[2]
+    real_cinder.stop_cinder()
+    try:
+        status = hv3.cli_json('status')
+        backend = status['volume_backend']
+        assert backend['available'] is False
+        assert 'Cinder at' in backend['reason']
+        proc = hv3.cli('fetch', image['id'])
+        base = last_line(proc)
+        # served by the next handler: a regular file, verified
+        assert os.path.isfile(base) and not os.path.islink(base)
+        assert same_content(base, image_files['disk.qcow2'])
+        proc = hv3.cli('volume', 'create', '--image', image['id'], '--size',
+                       '1', check=False)
+        assert proc.returncode != 0
+        assert 'Cinder at' in proc.stderr
+    finally:
+        real_cinder.start_cinder()
