@@ -32,7 +32,9 @@ MiB = 1024 * 1024
 def host_env(root, name, glance, cinder, **sections):
     """An agent acting as hypervisor ``name``."""
     opts = cinder.agent_options()
-    opts['exports_path'] = os.path.join(str(root), 'exports')
+    # one machine, several hosts: each its own exports (as each its own
+    # /run on real hypervisors)
+    opts['exports_path'] = os.path.join(str(root), name, 'exports')
     opts['operation_timeout'] = 120
     opts['template_wait_timeout'] = 300
     env = AgentEnv(os.path.join(str(root), name),
@@ -80,7 +82,8 @@ def exports(root):
     """The live qemu-storage-daemon exports of the hosts under ``root``:
     ``{mountpoint: pid}``."""
     found = {}
-    for pidfile in glob.glob(os.path.join(str(root), 'exports', '*.pid')):
+    for pidfile in glob.glob(os.path.join(str(root), '*', 'exports',
+                                          '*.pid')):
         with contextlib.suppress(OSError, ValueError):
             with open(pidfile) as f:
                 pid = int(f.read())

@@ -519,9 +519,23 @@ class CinderVolumeBackend(VolumeBackend):
                 return (record['attachment_id'],
                         data['attachment']['connection_info'])
         action = 'attach volume %s to %s' % (volume_id, self.host)
-        data = self._request('POST', '/attachments', action, {'attachment': {
-            'volume_uuid': volume_id, 'connector': self.connector(),
-            'mode': 'ro' if read_only else 'rw'}})['attachment']
+        body = {'attachment': {'volume_uuid': volume_id,
+                               'connector': self.connector(),
+                               'mode': 'ro' if read_only else 'rw'}}
+        deadline = time.monotonic() + self.opts.operation_timeout
+        while True:
+            try:
+                data = self._request('POST', '/attachments', action,
+                                     body)['attachment']
+                break
+            except errors.VolumeServiceFailed as exc:
+                # another host is reserving the (multiattach) volume at
+                # this moment: Cinder refuses instead of queueing
+                if 'current status is reserved' not in str(exc) and \
+                        'current status is attaching' not in str(exc) or \
+                        time.monotonic() > deadline:
+                    raise
+                time.sleep(POLL_SECONDS)
         try:
             self._request('POST', '/attachments/%s/action' % data['id'],
                           action, {'os-complete': {}})
@@ -556,9 +570,12 @@ class CinderVolumeBackend(VolumeBackend):
             else:
                 record['path'] = self._start_export(key, info, read_only)
                 if block_device:
+                    # the image's own size, not the volume's whole GiBs
+                    size = _decode(self._volume(volume_id).get(
+                        'metadata')).get('virtual_size') or 0
                     record['device'] = self._privileged(
                         lambda m: m.attach_loop, self.exports_path, key,
-                        read_only)
+                        read_only, size)
             self._save(record)
         except BaseException:
             self._teardown(record)
