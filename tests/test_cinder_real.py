@@ -299,3 +299,30 @@ def test_cinder_down_is_a_clear_error_and_downloading_serves(
         assert 'Cinder at' in proc.stderr
     finally:
         real_cinder.start_cinder()
+
+
+def test_volume_backed_import_writes_a_cinder_volume_and_links_it(
+        hosts, image_files, real_cinder, tmp_path):
+    hv1 = hosts[0]
+    hv1.configure(image_source={'driver': 'local'})
+    hv1.cli('images', 'import', image_files['disk.raw'], '--id', 'vb',
+            '--volume-backed')
+    record, = [r for r in hv1.cli_json('images', 'list') if r['id'] == 'vb']
+    location, = [loc['url'] if isinstance(loc, dict) else loc
+                 for loc in record['locations']]
+    assert location.startswith('cinder://')
+    volume_id = location[len('cinder://'):]
+    volume = {v['id']: v for v in agent_volumes(real_cinder)}[volume_id]
+    assert volume['agent']['kind'] == 'image'
+    assert volume['agent']['status'] == 'available'
+
+    # linked from that very volume: no template, no copy
+    base = last_line(hv1.cli('fetch', 'vb'))
+    assert os.path.islink(base)
+    assert same_content(base, image_files['disk.raw'])
+    assert agent_volumes(real_cinder, 'template', 'vb') == []
+    assert {a['host_name'] for a in real_cinder.wait_volume(
+        volume_id, ('in-use',))['attachments']} == {'hv1'}
+    hv1.cli('remove', 'vb')
+    assert real_cinder.wait_volume(volume_id, ('available',))[
+        'attachments'] == []
