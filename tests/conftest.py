@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import uuid
 
 import pytest
 
@@ -139,6 +140,18 @@ def same_content(a, b):
     proc = subprocess.run(['qemu-img', 'compare', a, b], capture_output=True,
                           text=True)
     return proc.returncode == 0
+
+
+def overlay_equals(base, original, workdir):
+    """A qcow2 overlay on ``base`` (as nova builds an instance disk) reads
+    back as ``original``."""
+    overlay = os.path.join(str(workdir), 'ovl-%s.qcow2' % uuid.uuid4().hex)
+    subprocess.run(['qemu-img', 'create', '-f', 'qcow2', '-F', 'raw', '-b',
+                    base, overlay], check=True, capture_output=True)
+    try:
+        return same_content(overlay, original)
+    finally:
+        os.unlink(overlay)
 
 
 def files_written(pid, directory):

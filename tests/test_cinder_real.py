@@ -20,7 +20,7 @@ import uuid
 
 import pytest
 
-from tests.conftest import AgentEnv, same_content
+from tests.conftest import AgentEnv, overlay_equals, same_content
 from tests.real_cinder import real_cinder  # noqa: F401 (a fixture)
 from tests.real_glance import real_glance  # noqa: F401 (a fixture)
 
@@ -51,18 +51,6 @@ def host_env(root, name, glance, cinder, **sections):
 
 def last_line(proc):
     return proc.stdout.strip().splitlines()[-1]
-
-
-def overlay_equals(base, original, workdir):
-    """A qcow2 overlay on ``base`` (as nova builds an instance disk) reads
-    back as ``original``."""
-    overlay = os.path.join(str(workdir), 'ovl-%s.qcow2' % uuid.uuid4().hex)
-    subprocess.run(['qemu-img', 'create', '-f', 'qcow2', '-F', 'raw', '-b',
-                    base, overlay], check=True, capture_output=True)
-    try:
-        return same_content(overlay, original)
-    finally:
-        os.unlink(overlay)
 
 
 def agent_volumes(cinder, kind=None, image_id=None):

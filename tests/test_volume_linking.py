@@ -23,7 +23,8 @@ import uuid
 
 import pytest
 
-from tests.conftest import REPO, AgentEnv, make_raw, same_content
+from tests.conftest import (REPO, AgentEnv, make_raw, overlay_equals,
+                            same_content)
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
@@ -106,18 +107,6 @@ def compare(a, b, fa=None, fb=None):
     cmd += ['-f', fa] if fa else []
     cmd += ['-F', fb] if fb else []
     return subprocess.run(cmd + [a, b], capture_output=True).returncode == 0
-
-
-def overlay_equals(base, original, workdir):
-    """A qcow2 overlay on ``base`` (as nova builds an instance disk) reads
-    back as ``original``."""
-    overlay = os.path.join(str(workdir), 'ovl-%s.qcow2' % uuid.uuid4().hex)
-    subprocess.run(['qemu-img', 'create', '-f', 'qcow2', '-F', 'raw', '-b',
-                    base, overlay], check=True, capture_output=True)
-    try:
-        return same_content(overlay, original)
-    finally:
-        os.unlink(overlay)
 
 
 def sparse_qcow2(path, virtual, pattern):
