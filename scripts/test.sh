@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Set up (scripts/setup.sh), lint, then run both test tiers: the fast one
 # (pure logic, -m unit) and the real one (-m real: real qemu-img, loop
-# devices, libvirtd + QEMU, Glance, nova, Cinder on Ceph, as root). Extra arguments go to both
-# pytest runs.
+# devices, libvirtd + QEMU, Glance, nova, Cinder on Ceph, as root). Extra
+# arguments go to both pytest runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
