@@ -305,9 +305,13 @@ class ImageVolumeCache:
                  and v.metadata.get('image_id') == image.id
                  and v.metadata.get('state', 'fresh') == 'fresh'
                  and v.metadata.get('image_updated_at') == image.updated_at
-                 and v.metadata.get('status') in ('creating', 'available')]
-        return sorted(found, key=lambda v: (v.metadata.get('created_at')
-                                            or '', v.id))
+                 and v.metadata.get('status') in ('creating', 'available')
+                 and v.metadata.get('cinder_status', 'available') not in (
+                     'deleting', 'error', 'error_deleting')]
+        # the claims' own creation times (Cinder's created_at has whole
+        # seconds: concurrent claims would tie)
+        return sorted(found, key=lambda v: (v.metadata.get('created') or 0,
+                                            v.id))
 
     def _entry_of(self, image, volume):
         now = time.time()
@@ -328,8 +332,10 @@ class ImageVolumeCache:
     def _populate_shared(self, image, source, progress):
         """Concurrent misses on several hosts make one template: each
         claims one by creating an empty template volume; the oldest claim
-        wins (ties: the smaller id), the others delete theirs and wait for
-        it to be written. ``(entry, 'miss'|'hit')``."""
+        (by the time its host created it; ties: the smaller id) wins, the
+        others delete theirs and wait for it to be written. A winner that
+        finds, once written, an older claim it could not see before uses
+        that one instead. ``(entry, 'miss'|'hit')``."""
         deadline = time.monotonic() + self.backend.template_wait_timeout
         while True:
             size = image.virtual_size or image.size or GiB
