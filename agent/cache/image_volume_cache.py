@@ -323,10 +323,11 @@ class ImageVolumeCache:
                           last_used=now, disk_format=image.disk_format)
 
     def _adopt(self, image):
-        """An entry for the written template another host made."""
-        for volume in self._templates(image):
-            if volume.metadata.get('status') == 'available':
-                return self._entry_of(image, volume)
+        """An entry for the written template another host made: the
+        first claim's, once written (a later one may still give way)."""
+        first = next(iter(self._templates(image)), None)
+        if first is not None and first.metadata.get('status') == 'available':
+            return self._entry_of(image, first)
         return None
 
     def _populate_shared(self, image, source, progress):
