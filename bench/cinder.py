@@ -34,6 +34,7 @@ glance_bytes_per_image <= 1.05. It exits 0 whether they are met or not.
 
 import argparse
 import concurrent.futures
+import glob
 import os
 import random
 import shutil
@@ -48,7 +49,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-from tests.real_cinder import RealCinder, ensure_installed  # noqa: E402
+from tests.real_cinder import (RealCinder, end_exports,  # noqa: E402
+                               ensure_installed)
 from tests.real_glance import RealGlance  # noqa: E402
 from tests.real_glance import ensure_installed as glance_installed  # noqa
 from tests.real_glance import free_port  # noqa: E402
@@ -232,6 +234,7 @@ def main():
                   % (n, dl_time, dl_bytes / size, cv_time, cv_bytes / size,
                      linked, n), flush=True)
     finally:
+        end_exports(glob.glob(os.path.join(root, '*', 'exports')))
         if cinder is not None:
             cinder.stop()
         if proxy is not None:

@@ -618,6 +618,32 @@ class RealCinder:
                 for i in out.get('images', [])}
 
 
+def end_exports(exports_dirs):
+    """Stop what agents left exported in ``exports_dirs`` (their
+    ``[cinder] exports_path``): loop devices over the exports, then the
+    ``qemu-storage-daemon`` processes, by the PIDs in their pid files.
+    Returns what was left."""
+    from agent.privileged import rbd_exports
+    left = []
+    for d in exports_dirs:
+        if not os.path.isdir(d):
+            continue
+        out = subprocess.run(['losetup', '-l', '-n', '-O',
+                              'NAME,BACK-FILE'], capture_output=True,
+                             text=True).stdout
+        for line in out.splitlines():
+            name, _, backing = line.partition(' ')
+            if os.path.dirname(backing.strip()) == d:
+                left.append(name)
+                rbd_exports.detach_loop(d, name)
+        for entry in sorted(os.listdir(d)):
+            if entry.endswith('.pid'):
+                if rbd_exports.status(d, entry[:-4])['daemon']:
+                    left.append(os.path.join(d, entry))
+                rbd_exports.stop(d, entry[:-4], 10)
+    return left
+
+
 def start_real_cinder(workdir=None, glance_url=None):
     venv = ensure_installed()
     stack = RealCinder(venv=venv, workdir=workdir, glance_url=glance_url)

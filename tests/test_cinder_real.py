@@ -21,6 +21,7 @@ import uuid
 import pytest
 
 from tests.conftest import AgentEnv, overlay_equals, same_content
+from tests.real_cinder import end_exports
 from tests.real_cinder import real_cinder  # noqa: F401 (a fixture)
 from tests.real_glance import real_glance  # noqa: F401 (a fixture)
 
@@ -94,10 +95,9 @@ def hosts(tmp_path, real_glance, real_cinder):
             for row in json.loads(listed.stdout or '[]'):
                 env.cli('remove', row['image_id'], check=False)
             env.cli('init', check=False)
-        left = exports(tmp_path)
-        for pid in left.values():   # never leave a daemon behind
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
+        # never leave a daemon or a loop device behind
+        left = end_exports(glob.glob(os.path.join(str(tmp_path), '*',
+                                                  'exports')))
         attached = [v['id'] for v in real_cinder.volumes()
                     if v['attachments']]
         for volume in real_cinder.volumes():
@@ -106,7 +106,7 @@ def hosts(tmp_path, real_glance, real_cinder):
                                     % att['attachment_id'], ok=(200, 404))
             real_cinder.request('DELETE', '/volumes/%s?cascade=true'
                                 % volume['id'], ok=(202, 400, 404))
-        assert left == {}, 'exports left running: %s' % left
+        assert left == [], 'exports left behind: %s' % left
         assert attached == [], 'volumes left attached: %s' % attached
 
 

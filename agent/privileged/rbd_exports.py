@@ -144,11 +144,15 @@ def start(exports_path, key, pool, image, hosts, ports, user, ceph_conf,
     return mountpoint
 
 
+#: a daemon whose cluster is gone can hang in its RBD client's shutdown
+STOP_GRACE_SECONDS = 10
+
+
 def _stop(mountpoint, pidfile, timeout):
     pid = _daemon_pid(mountpoint, pidfile)
     if pid:
         os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + min(timeout, STOP_GRACE_SECONDS)
         while _daemon_pid(mountpoint, pidfile) == pid:
             if time.monotonic() > deadline:
                 os.kill(pid, signal.SIGKILL)

@@ -379,10 +379,14 @@ class CinderVolumeBackend(VolumeBackend):
         from agent.images import qemu_img
         key = volume_id + '.write'
         with self._lock(volume_id):
+            # in userspace, QEMU's own RBD client writes straight into the
+            # attached image (what the export would do, minus FUSE)
             record = self._export(key, volume_id, read_only=False,
-                                  block_device=False)
+                                  block_device=False, direct=True)
         try:
-            qemu_img.convert_to_raw(path, fmt, record['path'],
+            target = record.get('path') or rbd_filename(
+                record['connection_info'], self.opts.ceph_conf)
+            qemu_img.convert_to_raw(path, fmt, target,
                                     image_id=volume_id, existing_target=True,
                                     virtual_size=os.path.getsize(path))
         finally:
@@ -546,9 +550,12 @@ class CinderVolumeBackend(VolumeBackend):
             raise
         return data['id'], data['connection_info']
 
-    def _export(self, key, volume_id, read_only, block_device):
+    def _export(self, key, volume_id, read_only, block_device,
+                direct=False):
         """The live export ``key`` of ``volume_id`` (made, or repaired after
-        a restart); its record. Call under the volume's lock."""
+        a restart); its record. Call under the volume's lock. With
+        ``direct``, the userspace route stops at the attachment (its
+        ``connection_info`` is for QEMU's RBD client)."""
         record = self._load(key)
         if record and self._alive(record) and (
                 record.get('device') or not block_device):
@@ -563,11 +570,11 @@ class CinderVolumeBackend(VolumeBackend):
             attachment_id, info = self._attachment(volume_id, read_only,
                                                    record)
             record['attachment_id'] = attachment_id
+            record['connection_info'] = info
             self._save(record)  # a crash from here on leaves a trace
             if route == 'kernel':
-                record['connection_info'] = info
                 record['path'] = record['device'] = self._map(info)
-            else:
+            elif not direct:
                 record['path'] = self._start_export(key, info, read_only)
                 if block_device:
                     # the image's own size, not the volume's whole GiBs
@@ -653,6 +660,31 @@ class CinderVolumeBackend(VolumeBackend):
             return call(rbd_exports)(*args)
         except (OSError, rbd_exports.ExportRefused) as exc:
             raise errors.BackendUnavailable(backend='cinder', reason=str(exc))
+
+
+def rbd_filename(info, ceph_conf=None):
+    """QEMU's ``rbd:`` filename for an RBD connection info (``pool/image``,
+    monitors, user), with the names checked as the exports check them."""
+    from agent.privileged import rbd_exports
+    pool, _, image = (info.get('name') or '').partition('/')
+    names = [pool, image] + ([info['auth_username']]
+                             if info.get('auth_enabled') else [])
+    hosts = list(zip(info.get('hosts') or [], info.get('ports') or []))
+    if not hosts or not all(rbd_exports._NAME.match(n or '') for n in names) \
+            or not all(rbd_exports._HOST.match(str(h)) and str(p).isdigit()
+                       for h, p in hosts):
+        raise errors.BackendUnavailable(
+            backend='cinder', reason='unusable RBD connection info %r'
+            % (info,))
+    monitors = '\\;'.join('%s\\:%s' % (h, p) for h, p in hosts)
+    name = 'rbd:%s/%s:mon_host=%s' % (pool, image, monitors)
+    if info.get('auth_enabled'):
+        name += ':id=%s' % info['auth_username']
+    else:
+        name += ':auth_supported=none'
+    if ceph_conf and os.path.isfile(ceph_conf) and ':' not in ceph_conf:
+        name += ':conf=%s' % ceph_conf
+    return name
 
 
 class ExportedFile(io.FileIO):
