@@ -503,7 +503,8 @@ class RealCinder:
         self._ensure_volume_type()
 
     def stop_cinder(self):
-        for svc in ('volume', 'scheduler', 'api'):
+        # the API first: from then on every request fails
+        for svc in ('api', 'volume', 'scheduler'):
             self._stop('cinder-' + svc)
 
     def _ensure_volume_type(self):

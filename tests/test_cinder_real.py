@@ -20,7 +20,7 @@ import uuid
 
 import pytest
 
-from tests.conftest import AgentEnv, overlay_equals, same_content
+from tests.conftest import AgentEnv, make_raw, overlay_equals, same_content
 from tests.real_cinder import end_exports
 from tests.real_cinder import real_cinder  # noqa: F401 (a fixture)
 from tests.real_glance import real_glance  # noqa: F401 (a fixture)
@@ -314,3 +314,35 @@ def test_volume_backed_import_writes_a_cinder_volume_and_links_it(
     hv1.cli('remove', 'vb')
     assert real_cinder.wait_volume(volume_id, ('available',))[
         'attachments'] == []
+
+
+def test_cinder_stopped_while_a_template_is_written(
+        hosts, real_glance, real_cinder, tmp_path):
+    hv2 = hosts[1]
+    image_path = make_raw(str(tmp_path / 'big.raw'), data_mib=192,
+                          total_mib=256, seed=9)
+    image_id = real_glance.create_image('mid-op', image_path,
+                                        visibility='public')['id']
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        fetch = pool.submit(hv2.cli, 'fetch', image_id, check=False)
+        deadline = time.monotonic() + 120
+        while not agent_volumes(real_cinder, 'template', image_id):
+            assert time.monotonic() < deadline and not fetch.done()
+            time.sleep(0.1)
+        # the claim is made: hv2 is downloading or writing the template
+        real_cinder.stop_cinder()
+        try:
+            proc = fetch.result(timeout=600)
+        finally:
+            real_cinder.start_cinder()
+    assert proc.returncode == 0, proc.stderr
+    base = last_line(proc)
+    assert 'Cinder at' in proc.stderr           # what failed, and where
+    assert os.path.isfile(base) and not os.path.islink(base)
+    assert same_content(base, image_path)
+    # what Cinder could not be told is cleaned once it is back
+    hv2.cli('reclaim')
+    assert [v for v in agent_volumes(real_cinder, 'template', image_id)
+            if v['agent'].get('status') == 'creating'] == []
+    assert [v['id'] for v in real_cinder.volumes() if v['attachments']] \
+        == []
