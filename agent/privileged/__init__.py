@@ -20,13 +20,14 @@ context            capabilities                    what
 ``process_context``CAP_SYS_PTRACE,                 which processes hold given
                    CAP_DAC_READ_SEARCH             files or devices open
                                                    (``/proc/PID/fd``)
-``rbd_exports_``   CAP_SYS_ADMIN, CAP_KILL,        qemu-storage-daemon FUSE
-``context``        CAP_DAC_READ_SEARCH             exports of RBD volumes
-                                                   and loop devices on them,
-                                                   in a root-owned directory
 ``os_brick``       os-brick's own (CAP_SYS_ADMIN,  os-brick connector calls
                    CAP_DAC_READ_SEARCH)
 =================  ==============================  =======================
+
+``rbd_exports_context`` (CAP_SYS_ADMIN, CAP_KILL, CAP_DAC_READ_SEARCH), forked
+only with ``[volume_linking] backend = cinder``: ``qemu-storage-daemon`` FUSE
+exports of attached RBD volumes and loop devices on them, in a root-owned
+directory (``agent.privileged.rbd_exports``).
 """
 
 from oslo_privsep import capabilities as caps
