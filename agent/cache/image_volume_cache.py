@@ -331,52 +331,58 @@ class ImageVolumeCache:
         return None
 
     def _populate_shared(self, image, source, progress):
-        """Concurrent misses on several hosts make one template: each
-        claims one by creating an empty template volume; the oldest claim
-        (by the time its host created it; ties: the smaller id) wins, the
+        """Concurrent misses on several hosts make one template. A host
+        that sees a claim of the image waits for it; one that sees none
+        claims one by creating an empty template volume. The oldest claim
+        (by the time its host created it; ties: the smaller id) wins; the
         others delete theirs and wait for it to be written. A winner that
         finds, once written, an older claim it could not see before uses
         that one instead. ``(entry, 'miss'|'hit')``."""
         deadline = time.monotonic() + self.backend.template_wait_timeout
         while True:
-            size = image.virtual_size or image.size or GiB
-            self.enforce_limits(reserve_bytes=size, reserve_count=1,
-                                locked_image=image.id)
-            claim = self.backend.create(size, {
-                'kind': 'template', 'image_id': image.id, 'state': 'fresh',
-                'image_updated_at': image.updated_at})
-            try:
-                first = next(iter(self._templates(image)), None)
-                if first is None or first.id == claim:
-                    entry = self._populate(image, source, progress,
-                                           volume_id=claim)
-                    # a claim made in the same second that this host did
-                    # not see yet may order first: then that one is used
+            first = next(iter(self._templates(image)), None)
+            if first is None:
+                claim = self._claim(image)
+                try:
                     first = next(iter(self._templates(image)), None)
                     if first is None or first.id == claim:
-                        return entry, 'miss'
-            except BaseException:
-                with contextlib.suppress(errors.AgentError):
-                    self.backend.delete(claim)
-                raise
-            self.backend.delete(claim)
-            LOG.info('image %s: the template %s another host claimed '
-                     'first is used; waiting for it to be written',
-                     image.id, first.id)
+                        entry = self._populate(image, source, progress,
+                                               volume_id=claim)
+                        first = next(iter(self._templates(image)), None)
+                        if first is None or first.id == claim:
+                            return entry, 'miss'
+                except BaseException:
+                    with contextlib.suppress(errors.AgentError):
+                        self.backend.delete(claim)
+                    raise
+                self.backend.delete(claim)
+            LOG.info('image %s: waiting for template %s, claimed by host '
+                     '%s', image.id, first.id, first.metadata.get('host'))
             while time.monotonic() < deadline:
                 try:
                     volume = self.backend.get(first.id)
                 except errors.VolumeNotFound:
-                    break  # its writer failed: claim again
+                    break  # its writer failed: look again
                 if volume.metadata.get('status') == 'available':
                     return self._entry_of(image, volume), 'hit'
-                time.sleep(1)
+                if volume.metadata.get('cinder_status') in (
+                        'deleting', 'error', 'error_deleting'):
+                    break
+                time.sleep(0.5)
             else:
                 raise errors.HandlerCannotServe(
                     handler='image-volume cache', image_id=image.id,
                     reason='the template volume %s another host is '
                     'writing was not ready in %d s' % (
                         first.id, self.backend.template_wait_timeout))
+
+    def _claim(self, image):
+        size = image.virtual_size or image.size or GiB
+        self.enforce_limits(reserve_bytes=size, reserve_count=1,
+                            locked_image=image.id)
+        return self.backend.create(size, {
+            'kind': 'template', 'image_id': image.id, 'state': 'fresh',
+            'image_updated_at': image.updated_at})
 
     def holders(self, entry):
         """Who holds ``entry``: its holders on this host, and on a shared
