@@ -173,8 +173,14 @@ def fetch_all(confs, image_id):
     with concurrent.futures.ThreadPoolExecutor(len(confs)) as pool:
         procs = list(pool.map(lambda c: cli(c, 'fetch', image_id), confs))
     elapsed = time.monotonic() - t0
-    linked = sum(os.path.islink(p.stdout.strip().splitlines()[-1])
-                 for p in procs)
+    linked = 0
+    for proc in procs:
+        if os.path.islink(proc.stdout.strip().splitlines()[-1]):
+            linked += 1
+        else:  # why the next handler served
+            for line in proc.stderr.splitlines():
+                if 'trying the next' in line or 'cannot serve' in line:
+                    print('  fell through: %s' % line[-300:], flush=True)
     return elapsed, linked
 
 
