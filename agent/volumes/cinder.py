@@ -52,6 +52,8 @@ import json
 import logging
 import math
 import os
+import random
+import re
 import socket
 import stat
 import threading
@@ -70,6 +72,12 @@ META_PREFIX = 'template-agent:'
 #: 3.54: attachments with a mode; 3.44: os-complete; 3.27: attachments
 MICROVERSION = '3.54'
 POLL_SECONDS = 0.5
+#: what a volume goes through while another host attaches or detaches it
+#: (Cinder reports the status it reads after its reservation failed, which
+#: may already be the next one)
+TRANSIENT_STATUSES = ('reserved', 'attaching', 'detaching', 'in-use',
+                      'available', 'downloading')
+_BUSY = re.compile(r'to reserve, but the current status is ([a-z_-]+)')
 
 
 def _encode(metadata):
@@ -533,13 +541,13 @@ class CinderVolumeBackend(VolumeBackend):
                                      body)['attachment']
                 break
             except errors.VolumeServiceFailed as exc:
-                # another host is reserving the (multiattach) volume at
-                # this moment: Cinder refuses instead of queueing
-                if 'current status is reserved' not in str(exc) and \
-                        'current status is attaching' not in str(exc) or \
+                # another host is attaching or detaching the (multiattach)
+                # volume at this moment: Cinder refuses instead of queueing
+                busy = _BUSY.search(str(exc))
+                if not busy or busy.group(1) not in TRANSIENT_STATUSES or \
                         time.monotonic() > deadline:
                     raise
-                time.sleep(POLL_SECONDS)
+                time.sleep(POLL_SECONDS * random.uniform(0.5, 1.5))
         try:
             self._request('POST', '/attachments/%s/action' % data['id'],
                           action, {'os-complete': {}})
