@@ -192,7 +192,14 @@ class TemplateAgent:
                                 'next: %s', name, image_id, exc)
                     reasons.append('%s: %s' % (name, exc))
                     continue
-                os.utime(filename, dir_fd=dir_fd, follow_symlinks=False)
+                try:
+                    os.utime(filename, dir_fd=dir_fd, follow_symlinks=False)
+                except FileNotFoundError:
+                    # the owner of _base moved the new base (or _base)
+                    # away as it was published: nothing to index here
+                    raise errors.UnsafePath(
+                        path=path, reason='the base was moved away while it '
+                        'was published') from None
                 entry.created = entry.last_used = time.time()
                 self.index.put(entry)
                 REGISTRY.inc('template_agent_fetches_total', handler=name,

@@ -39,9 +39,7 @@ def service(env, public_socket_dir):
     try:
         yield svc
     finally:
-        svc.stop(signal.SIGKILL if svc.proc and svc.proc.poll() is None
-                 else signal.SIGTERM)
-        svc.notify.close()
+        svc.close()
 
 
 class Peer:

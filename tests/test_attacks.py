@@ -26,7 +26,6 @@ import json
 import os
 import pwd
 import shutil
-import signal
 import stat
 import subprocess
 import sys
@@ -382,9 +381,7 @@ def service(world):
     try:
         yield svc
     finally:
-        svc.stop(signal.SIGKILL if svc.proc and svc.proc.poll() is None
-                 else signal.SIGTERM)
-        svc.notify.close()
+        svc.close()
 
 
 def call(svc, method, path, body=None):

@@ -222,9 +222,7 @@ def served(glance_env):
     try:
         yield svc
     finally:
-        svc.stop(signal.SIGKILL if svc.proc and svc.proc.poll() is None
-                 else signal.SIGTERM)
-        svc.notify.close()
+        svc.close()
 
 
 def _stalled_fetch(service, env, glance, src, stall):

@@ -97,6 +97,12 @@ class Service:
             self.stderr.close()
         return self.proc.returncode if self.proc else None
 
+    def close(self):
+        """Fixture teardown: kill the service if a test left it running,
+        close the notify socket."""
+        self.stop(signal.SIGKILL)
+        self.notify.close()
+
     def api(self):
         return client.ServiceClient(self.socket_path)
 
@@ -121,9 +127,7 @@ def service(env):
     try:
         yield svc
     finally:
-        svc.stop(signal.SIGKILL if svc.proc and svc.proc.poll() is None
-                 else signal.SIGTERM)
-        svc.notify.close()
+        svc.close()
         _release_loops(env)
 
 
