@@ -165,7 +165,8 @@ class PeerAgents:
     """Agents (``template-agent serve``), one per host of ``net``, that
     share images peer to peer; ``glance_url`` is their image source."""
 
-    def __init__(self, root, net, glance_url, certs, peers=None, **p2p):
+    def __init__(self, root, net, glance_url, certs, peers=None, agents=None,
+                 **p2p):
         self.net = net
         self.root = str(root)
         self.procs = {}
@@ -189,7 +190,12 @@ class PeerAgents:
                            p2p=settings)
             env.namespace = ns
             env.ip = ip
+            env.peer = '%s:%d' % (ip, AGENT_PORT)
             self.envs.append(env)
+        # hosts of the peer set without an agent (for a rogue one)
+        self.others = [env for i, env in enumerate(self.envs)
+                       if agents is not None and i not in agents]
+        self.envs = [env for env in self.envs if env not in self.others]
 
     def __enter__(self):
         try:
@@ -209,7 +215,8 @@ class PeerAgents:
         log = open(os.path.join(env.root, 'serve.log'), 'ab')
         self.procs[env.namespace] = subprocess.Popen(
             ['ip', 'netns', 'exec', env.namespace, sys.executable, '-m',
-             'agent.cli', '--config-file', env.conf_path, 'serve'],
+             'agent.cli', '--verbose', '--config-file', env.conf_path,
+             'serve'],
             stdout=log, stderr=log, env=dict(os.environ, PYTHONPATH=REPO))
         log.close()
 
@@ -227,6 +234,25 @@ class PeerAgents:
             time.sleep(0.1)
         raise AssertionError('agent in %s not ready in %d s: %s' % (
             env.namespace, timeout, self.log(env)))
+
+    def start_rogue(self, env, *args):
+        """``tests/p2p_rogue.py`` in ``env``'s namespace; waits for it to
+        serve."""
+        log_path = os.path.join(env.root, 'rogue.log')
+        log = open(log_path, 'ab')
+        proc = subprocess.Popen(
+            ['ip', 'netns', 'exec', env.namespace, sys.executable, '-m',
+             'tests.p2p_rogue', '--config-file', env.conf_path] +
+            list(args), stdout=subprocess.PIPE, stderr=log,
+            env=dict(os.environ, PYTHONPATH=REPO))
+        log.close()
+        self.procs[env.namespace] = proc
+        line = proc.stdout.readline()
+        if line.strip() != b'ready':
+            with open(log_path) as f:
+                raise AssertionError('rogue did not start: %s'
+                                     % f.read()[-3000:])
+        return proc
 
     def log(self, env):
         try:

@@ -11,6 +11,7 @@ import hashlib
 import os
 import random
 import shutil
+import time
 import socket
 import ssl
 
@@ -118,3 +119,138 @@ def test_four_hosts_glance_serves_the_image_once(cluster, certs, image_file,
         from_peers = sum(s['bytes_from_peers'] for s in statuses)
         assert from_peers >= 3 * os.path.getsize(image_file) * 0.95, statuses
         assert all(s['active'] for s in statuses)
+
+
+def test_a_peer_sending_corrupt_pieces_is_banned(cluster, certs, image_file,
+                                                 tmp_path):
+    net, glance = cluster(5, glance_mbit=80)
+    peers = ['%s:%d' % (ip, netns.AGENT_PORT) for ip in net.ips]
+    # the rogue (host 5, a peer with a valid certificate) neither seeds
+    # nor is the next choice
+    image_id = image_id_seeded_by(peers, 0, exclude=[peers[4]])
+    glance.add(image_id, image_file)
+    # a slow seed, so that the others take what the rogue offers
+    net.limit(net.hosts[0], 40)
+    with netns.PeerAgents(tmp_path, net, glance.url, certs,
+                          agents=[0, 1, 2, 3]) as agents:
+        rogue = agents.others[0]
+        agents.start_rogue(rogue, '--image-id', image_id, '--mode',
+                           'corrupt-peer', '--seed', peers[0])
+        results = agents.fetch_all(image_id)
+        assert_fetched(results, agents)
+        assert_bases_exact(agents, image_id, image_file)
+        statuses = [agents.status(env)['p2p'] for env in agents.envs[1:]]
+        assert sum(s['hash_failures'] for s in statuses) > 0, statuses
+        banned = [s['banned_peers'] for s in statuses]
+        assert any(rogue.ip in b for b in banned), banned
+        assert all(set(b) <= {rogue.ip} for b in banned), banned
+
+
+@pytest.mark.parametrize('wrong_size', [False, True],
+                         ids=['wrong-bytes', 'wrong-manifest'])
+def test_a_lying_seed_gets_nothing_published(cluster, certs, image_file,
+                                             tmp_path, wrong_size):
+    net, glance = cluster(4)
+    peers = ['%s:%d' % (ip, netns.AGENT_PORT) for ip in net.ips]
+    image_id = image_id_seeded_by(peers, 3)  # the rogue's
+    glance.add(image_id, image_file)
+    with netns.PeerAgents(tmp_path, net, glance.url, certs,
+                          agents=[0, 1, 2]) as agents:
+        rogue = agents.others[0]
+        agents.start_rogue(rogue, '--image-id', image_id, '--mode',
+                           'liar-seed', *(['--wrong-size'] if wrong_size
+                                          else []))
+        seen = {env.namespace: [] for env in agents.envs}
+        results = agents.fetch_all(image_id)
+        assert_fetched(results, agents)
+        # what each published is the image, downloaded again from Glance
+        assert_bases_exact(agents, image_id, image_file)
+        assert glance.downloads(image_id) >= len(agents.envs)
+        for env in agents.envs:
+            log = agents.log(env)
+            if wrong_size:
+                assert 'a manifest for' in log, log
+            else:
+                assert 'tampered with; nothing was published' in log, log
+            assert 'downloading it from Glance alone' in log or \
+                'going on from Glance' in log, log
+            seen[env.namespace] = sorted(os.listdir(env.base_dir))
+        for names in seen.values():  # no leftovers next to the base
+            assert names == [naming.base_filename(image_id)], seen
+
+
+def test_seed_killed_mid_stream_the_others_finish(cluster, certs, image_file,
+                                                  tmp_path):
+    net, glance = cluster(4, glance_mbit=64)
+    peers = ['%s:%d' % (ip, netns.AGENT_PORT) for ip in net.ips]
+    image_id = image_id_seeded_by(peers, 0)
+    glance.add(image_id, image_file)
+    with netns.PeerAgents(tmp_path, net, glance.url, certs) as agents:
+        seed, others = agents.envs[0], agents.envs[1:]
+        import threading
+        results = {}
+        fetching = threading.Thread(target=lambda: results.update(
+            agents.fetch_all(image_id, envs=others)))
+        fetching.start()
+        # the seed fetches for its peers on demand; kill it mid-stream
+        deadline = time.monotonic() + 20
+        while glance.bytes_served.get(image_id, 0) < \
+                os.path.getsize(image_file) // 3:
+            assert time.monotonic() < deadline, 'the seed never started'
+            time.sleep(0.05)
+        agents.kill(seed)
+        fetching.join(120)
+        assert not fetching.is_alive()
+        assert_fetched(results, agents)
+        assert_bases_exact(agents, image_id, image_file, envs=others)
+        for env in others:
+            assert 'the swarm stopped' in agents.log(env) or \
+                'gave the image up' in agents.log(env), agents.log(env)
+
+
+def test_without_a_certificate_of_the_ca_a_peer_is_refused(cluster, certs,
+                                                           tmp_path):
+    net, glance = cluster(2)
+    with netns.PeerAgents(tmp_path, net, glance.url, certs) as agents:
+        target = agents.envs[0]
+        url_path = '/v1/p2p/images/some-image/manifest'
+
+        def ask(cert=None, key=None):
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            context.check_hostname = False
+            context.load_verify_locations(certs['ca.pem'])
+            if cert:
+                context.load_cert_chain(cert, key)
+            with netns.entered(net.hosts[1]):
+                sock = socket.create_connection(
+                    (target.ip, netns.AGENT_PORT), timeout=10)
+            try:
+                tls = context.wrap_socket(sock)
+                tls.sendall(b'GET %s HTTP/1.1\r\nHost: x\r\n\r\n'
+                            % url_path.encode())
+                return tls.recv(100)
+            finally:
+                sock.close()
+
+        assert ask(certs['agent.pem'], certs['agent.key']).startswith(
+            b'HTTP/1.1 404')  # a peer: answered
+        for cert, key in ((None, None), (certs['rogue.pem'],
+                                         certs['rogue.key'])):
+            with pytest.raises((ssl.SSLError, ConnectionError)):
+                answer = ask(cert, key)
+                if not answer:  # TLS 1.3: refused after the handshake
+                    raise ConnectionResetError('closed without an answer')
+        # BitTorrent: only the peer set's addresses may connect
+        with netns.entered(net.glance_ns):
+            sock = socket.create_connection(
+                (target.ip, netns.AGENT_PORT + 1), timeout=10)
+        try:
+            sock.settimeout(10)
+            sock.sendall(b'\x13BitTorrent protocol' + bytes(48))
+            assert sock.recv(100) == b''
+        except ConnectionError:
+            pass
+        finally:
+            sock.close()
+        text = agents.status(target)
+        assert text['p2p']['active']

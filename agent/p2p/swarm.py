@@ -499,6 +499,7 @@ class Swarm:
                                 alert.message())
                     if address not in self.banned:
                         REGISTRY.inc('template_agent_p2p_banned_peers_total')
+                        self._block(address)
                     self.banned[address] = time.time()
                     while len(self.banned) > 100:
                         self.banned.popitem(last=False)
@@ -517,6 +518,17 @@ class Swarm:
                 images = list(self.images.values())
             for shared in images:
                 self._look_at(shared, now, reconnect)
+
+    def _block(self, address):
+        """A peer banned on one torrent sent bytes that fail their hash:
+        refuse it on all of them, until the service restarts."""
+        ip_filter = self.session.get_ip_filter()
+        try:
+            ip_filter.add_rule(address, address, 1)
+        except (RuntimeError, ValueError) as exc:
+            LOG.warning('p2p: cannot block %s: %s', address, exc)
+            return
+        self.session.set_ip_filter(ip_filter)
 
     def _flushed(self, handle):
         """A segment libtorrent completed is on disk: it may be read."""
