@@ -302,12 +302,12 @@ class PeerAgents:
             thread.join()
         return results
 
-    def status(self, env):
+    def status(self, env, fmt='json'):
         import json
         proc = subprocess.run(
             [sys.executable, '-m', 'agent.cli', '--config-file',
-             env.conf_path, 'status', '--format', 'json'],
+             env.conf_path, 'status', '--format', fmt],
             capture_output=True, text=True, timeout=60,
             env=dict(os.environ, PYTHONPATH=REPO))
         assert proc.returncode == 0, proc.stderr
-        return json.loads(proc.stdout)
+        return json.loads(proc.stdout) if fmt == 'json' else proc.stdout

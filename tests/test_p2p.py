@@ -119,6 +119,8 @@ def test_four_hosts_glance_serves_the_image_once(cluster, certs, image_file,
         from_peers = sum(s['bytes_from_peers'] for s in statuses)
         assert from_peers >= 3 * os.path.getsize(image_file) * 0.95, statuses
         assert all(s['active'] for s in statuses)
+        text = agents.status(agents.envs[0], fmt='table')
+        assert 'p2p:' in text and image_id in text, text
 
 
 def test_a_peer_sending_corrupt_pieces_is_banned(cluster, certs, image_file,

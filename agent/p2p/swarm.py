@@ -317,8 +317,12 @@ class Swarm:
             return
         now = time.monotonic()
         with self._lock:
-            if now - self._demands.get(image_id, -60) < 60:
+            if now - self._demands.get(image_id, -60) < 60 or sum(
+                    1 for s in self.images.values() if s.active) >= \
+                    self.max_images:
                 return
+            self._demands = {i: t for i, t in self._demands.items()
+                             if now - t < 60}
             self._demands[image_id] = now
         try:
             self.on_demand(image_id)
