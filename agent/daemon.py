@@ -16,6 +16,7 @@ nothing partial is published), sends STOPPING=1 and exits 0.
 """
 
 import logging
+import os
 import resource
 import signal
 import threading
@@ -160,14 +161,17 @@ class Service:
         return True
 
     def _fetch_for_peer(self, image_id):
-        """A peer asks this agent, the seed of ``image_id``, for it: fetch
-        it as a job, as if nova had asked (it is checked against Glance
-        with this agent's own credentials, like any fetch)."""
-        if self.api.jobs.cancelling.is_set():
-            return
+        """A peer asks this agent for ``image_id``, which it does not
+        share: fetch it as a job, as if nova had asked (checked against
+        Glance with this agent's own credentials, like any fetch), unless
+        its base is here already. Whether it started."""
         agent = self.agent
+        if self.api.jobs.cancelling.is_set() or \
+                os.path.lexists(agent.base_path(image_id)):
+            return False
         self.api.jobs.start('fetch', image_id, lambda progress: {
             'path': agent.fetch_image(image_id, progress=progress)})
+        return True
 
     # -- the cache manager pass -------------------------------------------
     def _start_pass(self):

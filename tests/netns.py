@@ -179,7 +179,7 @@ class PeerAgents:
                             ca_file=certs['ca.pem'],
                             cert_file=certs['agent.pem'],
                             key_file=certs['agent.key'], segment_size_mb=4,
-                            stall_timeout=5, seed_time=60)
+                            stall_timeout=10, seed_time=60)
             settings.update(p2p)
             env = AgentEnv(os.path.join(self.root, 'host%d' % (i + 1)),
                            DEFAULT={'host': ns},
@@ -228,12 +228,16 @@ class PeerAgents:
             proc = self.procs[env.namespace]
             if proc.poll() is not None:
                 raise AssertionError('agent in %s exited %d: %s' % (
-                    env.namespace, proc.returncode, self.log(env)))
+                    env.namespace, proc.returncode, self.log(env, 40)))
             if client.service_answers(path):
-                return
+                try:  # answers once init is done and the swarm listens
+                    client.ServiceClient(path).request('GET', '/v1/health')
+                    return
+                except Exception:
+                    pass
             time.sleep(0.1)
         raise AssertionError('agent in %s not ready in %d s: %s' % (
-            env.namespace, timeout, self.log(env)))
+            env.namespace, timeout, self.log(env, 40)))
 
     def start_rogue(self, env, *args):
         """``tests/p2p_rogue.py`` in ``env``'s namespace; waits for it to
@@ -254,12 +258,15 @@ class PeerAgents:
                                      % f.read()[-3000:])
         return proc
 
-    def log(self, env):
+    def log(self, env, tail=None):
+        """``env``'s service log, or its last ``tail`` lines, without
+        libtorrent's alerts (those are for debugging)."""
         try:
             with open(os.path.join(env.root, 'serve.log')) as f:
-                return f.read()[-4000:]
+                lines = [line for line in f if '_alert: ' not in line]
         except OSError:
             return ''
+        return ''.join(lines[-tail:] if tail else lines)
 
     def kill(self, env, sig=signal.SIGKILL):
         proc = self.procs.pop(env.namespace, None)

@@ -101,7 +101,7 @@ def assert_bases_exact(agents, image_id, image_file, envs=None):
 def assert_fetched(results, agents):
     for ns, (code, out, _) in results.items():
         env = [e for e in agents.envs if e.namespace == ns][0]
-        assert code == 0, '%s: %s\n%s' % (ns, out, agents.log(env))
+        assert code == 0, '%s: %s\n%s' % (ns, out, agents.log(env, 40))
 
 
 def test_four_hosts_glance_serves_the_image_once(cluster, certs, image_file,
@@ -171,11 +171,12 @@ def test_a_lying_seed_gets_nothing_published(cluster, certs, image_file,
         for env in agents.envs:
             log = agents.log(env)
             if wrong_size:
-                assert 'a manifest for' in log, log
+                assert 'a manifest for' in log, agents.log(env, 30)
             else:
-                assert 'tampered with; nothing was published' in log, log
+                assert 'tampered with; nothing was published' in log, \
+                    agents.log(env, 30)
             assert 'downloading it from Glance alone' in log or \
-                'going on from Glance' in log, log
+                'going on from Glance' in log, agents.log(env, 30)
             seen[env.namespace] = sorted(os.listdir(env.base_dir))
         for names in seen.values():  # no leftovers next to the base
             assert names == [naming.base_filename(image_id)], seen
@@ -206,8 +207,9 @@ def test_seed_killed_mid_stream_the_others_finish(cluster, certs, image_file,
         assert_fetched(results, agents)
         assert_bases_exact(agents, image_id, image_file, envs=others)
         for env in others:
-            assert 'the swarm stopped' in agents.log(env) or \
-                'gave the image up' in agents.log(env), agents.log(env)
+            log = agents.log(env)
+            assert 'the swarm stopped' in log or 'gave the image up' in log \
+                or 'from Glance from byte' in log, agents.log(env, 30)
 
 
 def test_without_a_certificate_of_the_ca_a_peer_is_refused(cluster, certs,
@@ -256,3 +258,23 @@ def test_without_a_certificate_of_the_ca_a_peer_is_refused(cluster, certs,
             sock.close()
         text = agents.status(target)
         assert text['p2p']['active']
+
+
+def test_a_seed_that_has_the_base_already_sends_peers_on(cluster, certs,
+                                                         image_file,
+                                                         tmp_path):
+    net, glance = cluster(2)
+    peers = ['%s:%d' % (ip, netns.AGENT_PORT) for ip in net.ips]
+    image_id = image_id_seeded_by(peers, 0)
+    glance.add(image_id, image_file)
+    with netns.PeerAgents(tmp_path, net, glance.url, certs,
+                          stall_timeout=60, seed_time=0) as agents:
+        seed, other = agents.envs
+        assert_fetched(agents.fetch_all(image_id, envs=[seed]), agents)
+        time.sleep(1)  # seed_time 0: it no longer shares the image
+        results = agents.fetch_all(image_id, envs=[other])
+        assert_fetched(results, agents)
+        # told at once, not after the stall timeout
+        assert results[other.namespace][2] < 30, results
+        assert 'does not share it, trying the next' in agents.log(other)
+        assert_bases_exact(agents, image_id, image_file)

@@ -3,8 +3,10 @@
 Server: ``GET /v1/p2p/images/<image id>/manifest?since=K&wait=S`` answers
 the manifest document (``agent.p2p.manifest``) with the segments from
 ``K`` on, waiting up to ``S`` seconds (at most ``MAX_WAIT``) for one;
-404 when this agent does not share that image (it may start to: see
-``Swarm.on_demand``). Only clients whose certificate is signed by
+404 when this agent does not share that image yet but will (asking
+started a fetch of it: see ``Swarm.on_demand``), 410 when it will not
+(it has the base already, or is busy): the asker then looks for the next
+seed in rendezvous order. Only clients whose certificate is signed by
 ``[p2p] ca_file`` complete the TLS handshake; anyone else is dropped
 before a byte of HTTP is read. Every connection has a deadline for its
 handshake and its request, and the number of connections is capped, as on
@@ -112,8 +114,9 @@ class _Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
 
 
 class ManifestServer:
-    """Serves ``manifests(image_id)`` (a ``Manifest`` or None) and calls
-    ``on_demand(image_id)`` for an image it does not share yet."""
+    """Serves ``manifests(image_id)`` (a ``Manifest`` or None) and asks
+    ``on_demand(image_id)`` whether it will share an image it does not
+    share yet."""
 
     def __init__(self, conf, manifests, on_demand=None):
         self.manifests = manifests
@@ -162,9 +165,10 @@ class ManifestServer:
             return 400, {'error': str(exc)}
         manifest = self.manifests(image_id)
         if manifest is None:
-            if self.on_demand is not None:
-                self.on_demand(image_id)
-            return 404, {'error': 'image %s is not shared here' % image_id}
+            if self.on_demand is not None and self.on_demand(image_id):
+                return 404, {'error': 'image %s is not shared here yet'
+                             % image_id}
+            return 410, {'error': 'image %s is not shared here' % image_id}
         return 200, manifest.document(since, wait)
 
     def start(self):
@@ -183,13 +187,18 @@ class PeerUnavailable(Exception):
 
 
 class NotShared(Exception):
-    """The peer answered: it does not share the image (yet)."""
+    """The peer answered: it does not share the image yet, but will."""
+
+
+class WillNotShare(Exception):
+    """The peer answered: it does not share the image, and will not."""
 
 
 def fetch_manifest(context, peer, image_id, since, wait):
     """The document of ``peer`` (``host:port``) for ``image_id``.
 
-    :raises NotShared: it does not share the image
+    :raises NotShared: it does not share the image yet
+    :raises WillNotShare: it does not share the image, and will not
     :raises PeerUnavailable: anything else
     """
     host, port = split_address(peer, '[p2p] peers')
@@ -205,6 +214,8 @@ def fetch_manifest(context, peer, image_id, since, wait):
                                   % (peer, MAX_DOCUMENT))
         if resp.status == 404:
             raise NotShared(peer)
+        if resp.status == 410:
+            raise WillNotShare(peer)
         if resp.status != 200:
             raise PeerUnavailable('%s: HTTP %d' % (peer, resp.status))
         return json.loads(body)

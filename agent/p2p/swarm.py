@@ -114,7 +114,8 @@ class Swarm:
     Built by the service while it is still root (the key may be root's),
     started after the agent dropped to the owner of ``instances_path``.
     ``on_demand(image_id)``, set by the service, starts a fetch of an image
-    that a peer asks this agent, its seed, for.
+    that a peer asks this agent for, and says whether it did (False: the
+    base is here already, or the service stops).
     """
 
     def __init__(self, conf):
@@ -298,6 +299,9 @@ class Swarm:
                 return 'peer', peer
             except listener.NotShared:
                 return 'peer', peer
+            except listener.WillNotShare:
+                LOG.info('p2p: image %s: %s does not share it, trying the '
+                         'next', image_id, peer)
             except listener.PeerUnavailable as exc:
                 LOG.warning('p2p: image %s: seed candidate unavailable, '
                             'trying the next: %s', image_id, exc)
@@ -311,24 +315,34 @@ class Swarm:
 
     def _demanded(self, image_id):
         """A peer asks for an image this agent does not share: fetch it
-        when this agent is its seed (once a minute at most)."""
-        if self.on_demand is None or rendezvous.order(
-                image_id, self.peers)[0] != self.me:
-            return
+        (then share it) unless the base is here already or
+        ``[p2p] max_images`` images are shared; True when it will be
+        shared. One fetch a minute per image at most."""
+        shared = self.images.get(image_id)
+        if shared is not None:  # joined since the manifest was looked up
+            return shared.manifest is not None  # False: follows a seed
+        if self.on_demand is None:
+            return False
         now = time.monotonic()
         with self._lock:
-            if now - self._demands.get(image_id, -60) < 60 or sum(
-                    1 for s in self.images.values() if s.active) >= \
+            when, will = self._demands.get(image_id, (-60, False))
+            if now - when < 60:
+                return will
+            if sum(1 for s in self.images.values() if s.active) >= \
                     self.max_images:
-                return
-            self._demands = {i: t for i, t in self._demands.items()
-                             if now - t < 60}
-            self._demands[image_id] = now
+                return False
+            self._demands = {i: d for i, d in self._demands.items()
+                             if now - d[0] < 60}
+            self._demands[image_id] = (now, False)
         try:
-            self.on_demand(image_id)
-        except Exception as exc:  # a full job table, a bad id: peers wait
+            will = bool(self.on_demand(image_id))
+        except Exception as exc:  # a bad id, a full job table: not shared
             LOG.warning('p2p: cannot start a fetch of %s for a peer: %s',
                         image_id, exc)
+            will = False
+        with self._lock:
+            self._demands[image_id] = (now, will)
+        return will
 
     # -- the seed's side: tee, torrents, manifest -------------------------
     def tee(self, shared, offset, data):
@@ -478,7 +492,8 @@ class Swarm:
             except listener.NotShared:
                 self._stop.wait(0.5)  # the seed has not started: bounded
                 # by the reader's stall timeout
-            except (listener.PeerUnavailable, manifests.BadManifest,
+            except (listener.PeerUnavailable, listener.WillNotShare,
+                    manifests.BadManifest,
                     SwarmFailed, errors.AgentError) as exc:
                 LOG.warning('p2p: image %s: %s', shared.image_id, exc)
                 REGISTRY.inc('template_agent_p2p_fallbacks_total',
