@@ -18,6 +18,7 @@ import contextlib
 import ctypes
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -134,6 +135,80 @@ class Network:
                                text=True).stdout
         return any(n in names.split() for n in
                    [self.bridge_ns, self.glance_ns] + self.hosts)
+
+
+class Relay:
+    """A TCP relay from ``address:port`` in ``namespace`` (a free port) to
+    ``target`` (``(host, port)`` in this process's own namespace), so
+    that hosts in the namespaces reach a server that runs outside them
+    (the real Glance) through the namespace's rate-limited link. Counts the
+    bytes relayed towards the clients (``sent``). Only a wire: what
+    crosses it is untouched."""
+
+    def __init__(self, namespace, address, target):
+        self.target = target
+        self.sent = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._sockets = []
+        with entered(namespace):
+            self.listener = socket.create_server((address, 0))
+        self.url = 'http://%s:%d' % (address,
+                                     self.listener.getsockname()[1])
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self.listener.close()
+        with self._lock:
+            for sock in self._sockets:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                sock.close()
+        self._thread.join(10)
+
+    def _accept(self):
+        while not self._stop.is_set():
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            try:
+                server = socket.create_connection(self.target, timeout=10)
+            except OSError:
+                client.close()
+                continue
+            server.settimeout(None)
+            with self._lock:
+                self._sockets += [client, server]
+            for a, b, count in ((client, server, False),
+                                (server, client, True)):
+                threading.Thread(target=self._pipe, args=(a, b, count),
+                                 daemon=True).start()
+
+    def _pipe(self, source, sink, count):
+        try:
+            while True:
+                data = source.recv(1 << 20)
+                if not data:
+                    break
+                sink.sendall(data)
+                if count:
+                    with self._lock:
+                        self.sent += len(data)
+        except OSError:
+            pass
+        finally:
+            try:
+                sink.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
 
 
 def make_certificates(directory):
