@@ -292,3 +292,29 @@ def test_a_seed_that_has_the_base_already_sends_peers_on(cluster, certs,
         assert results[other.namespace][2] < 30, results
         assert 'does not share it, trying the next' in agents.log(other)
         assert_bases_exact(agents, image_id, image_file)
+
+
+def test_after_its_fetch_an_agent_serves_the_image_for_seed_time(
+        cluster, certs, image_file, tmp_path):
+    net, glance = cluster(3)
+    peers = ['%s:%d' % (ip, netns.AGENT_PORT) for ip in net.ips]
+    image_id = image_id_seeded_by(peers, 0)
+    glance.add(image_id, image_file)
+    with netns.PeerAgents(tmp_path, net, glance.url, certs,
+                          seed_time=3) as agents:
+        early, late = agents.envs[:2], agents.envs[2]
+        assert_fetched(agents.fetch_all(image_id, envs=early), agents)
+        # within seed_time: the late host takes it from the other two
+        assert_fetched(agents.fetch_all(image_id, envs=[late]), agents)
+        assert_bases_exact(agents, image_id, image_file)
+        size = os.path.getsize(image_file)
+        assert glance.bytes_served[image_id] <= 1.05 * size
+        assert agents.status(late)['p2p']['bytes_from_peers'] >= size
+        # then their copies for the swarm are gone
+        copy = os.path.join(early[0].state, 'p2p',
+                            naming.base_filename(image_id))
+        deadline = time.monotonic() + 20
+        while os.path.exists(copy):
+            assert time.monotonic() < deadline, os.listdir(copy)
+            time.sleep(0.2)
+        assert agents.status(early[0])['p2p']['images'] == {}
