@@ -735,9 +735,10 @@ class _PeerStream:
         return DataStream(self._chunks(), self.offset, abort=self._abort)
 
     def _abort(self):
+        """The download abandons this stream (cancelled, or too slow for
+        ``[glance] download_min_rate``): what it reopens reads Glance."""
         self.aborted.set()
-        with self.shared.changed:
-            self.shared.changed.notify_all()
+        self.shared.fail('the download abandoned the stream from the swarm')
 
     def _wait_segment(self, position):
         """The segment holding ``position``, once libtorrent has all of it
