@@ -59,6 +59,15 @@ def layout(size, segment_size):
             for offset in range(0, size, segment_size)]
 
 
+def segment_size_for(size, configured):
+    """``configured``, doubled until an image of ``size`` bytes makes at
+    most ``MAX_SEGMENTS`` segments."""
+    segment_size = configured
+    while -(-size // segment_size) > MAX_SEGMENTS:
+        segment_size *= 2
+    return segment_size
+
+
 class Manifest:
     """The seed's manifest of one image, growing while it downloads;
     readers may wait for segments to come."""

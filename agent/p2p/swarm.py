@@ -228,8 +228,8 @@ class Swarm:
 
     # -- the handler's side -------------------------------------------------
     def wants(self, image):
-        """Whether ``image`` may come from the swarm: a known size and a
-        free slot (``[p2p] max_images``)."""
+        """Whether ``image`` may come from the swarm: a known size, and
+        peers besides this agent."""
         return bool(image.size) and self.peers != [self.me]
 
     @contextlib.contextmanager
@@ -274,8 +274,8 @@ class Swarm:
                                  naming.base_filename(image.id))
         shutil.rmtree(directory, ignore_errors=True)
         os.makedirs(directory, mode=0o700)
-        shared = _Shared(image, role, directory, self.segment_size,
-                         seed_peer)
+        shared = _Shared(image, role, directory, manifests.segment_size_for(
+            image.size, self.segment_size), seed_peer)
         with self._lock:
             self.images[image.id] = shared
         LOG.info('p2p: image %s: %s', image.id, 'seeding it' if

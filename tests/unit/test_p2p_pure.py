@@ -102,3 +102,15 @@ def test_enabled_without_credentials_says_what_is_missing():
     conf = config.load([], overrides={'p2p': {'enabled': True}})
     with pytest.raises(errors.ConfigError, match=r'\[p2p\] ca_file'):
         listener.tls_context(conf, server=True)
+
+
+def test_huge_images_get_larger_segments_and_pieces():
+    from agent.p2p.swarm import _piece_size
+    mib = 1 << 20
+    assert manifest.segment_size_for(10 * mib, 32 * mib) == 32 * mib
+    big = manifest.segment_size_for(100 * 1024 * mib, 32 * mib)
+    assert big == 128 * mib
+    assert len(manifest.layout(100 * 1024 * mib, big)) <= \
+        manifest.MAX_SEGMENTS
+    assert [_piece_size(n * mib) for n in (1, 3, 4, 32, 128)] == \
+        [mib, mib, mib, mib, 4 * mib]
