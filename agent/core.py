@@ -489,4 +489,6 @@ class TemplateAgent:
                        sum(r['disk_bytes'] for r in rows)))
         if self.volumes.enabled:
             gauges.extend(self.volumes.gauges())
+        if self.context.swarm is not None:
+            gauges.extend(self.context.swarm.gauges())
         return gauges

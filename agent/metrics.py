@@ -45,6 +45,12 @@ DEFINITIONS = {
         ('counter', 'Pieces from peers that failed their hash check.'),
     'template_agent_p2p_banned_peers_total':
         ('counter', 'Peers banned for sending bad pieces.'),
+    'template_agent_p2p_images':
+        ('gauge', 'Images shared with peers, by role (seed or peer) and '
+                  'state (fetching, seeding, failed).'),
+    'template_agent_p2p_peers':
+        ('gauge', 'Agents of the peer set besides this one, and those '
+                  'connected now.'),
     'template_agent_p2p_refused_total':
         ('counter', 'Connections refused: no valid certificate, or not a '
                     'peer.'),

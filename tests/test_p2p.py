@@ -135,6 +135,13 @@ def check_four_hosts(agents, results, image_id, image_file, served):
     assert all(s['active'] for s in statuses)
     text = agents.status(agents.envs[0], fmt='table')
     assert 'p2p:' in text and image_id in text, text
+    from agent import client
+    metrics = client.ServiceClient(agents.envs[1].sections['api'][
+        'socket_path']).request('GET', '/metrics')
+    for line in ('template_agent_p2p_received_bytes_total{source=',
+                 'template_agent_p2p_peers{which="listed"} 3',
+                 'state="seeding"} 1'):
+        assert line in metrics, metrics
 
 
 def test_a_peer_sending_corrupt_pieces_is_banned(cluster, certs, image_file,

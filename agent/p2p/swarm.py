@@ -660,6 +660,26 @@ class Swarm:
                 'banned_peers': list(self.banned), 'images': rows}
 
 
+    def gauges(self):
+        """Gauges for ``metrics.render``: images by role and state, peers
+        listed and connected."""
+        status = self.status()
+        counts = collections.Counter(
+            (row['role'], row['state']) for row in status['images'].values())
+        gauges = [('template_agent_p2p_images',
+                   {'role': role, 'state': state}, counts[(role, state)])
+                  for role in ('seed', 'peer')
+                  for state in ('fetching', 'seeding', 'failed')]
+        connected = set()
+        for row in status['images'].values():
+            connected.update(row['connected_peers'])
+        gauges += [('template_agent_p2p_peers', {'which': 'listed'},
+                    len(self.peers) - 1),
+                   ('template_agent_p2p_peers', {'which': 'connected'},
+                    len(connected))]
+        return gauges
+
+
 class _SwarmSource:
     """The image source a shared download reads: ``get`` from Glance,
     ``open`` from the swarm (teed from Glance on the seed), or from Glance
