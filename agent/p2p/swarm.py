@@ -503,8 +503,11 @@ class Swarm:
     # -- the watcher: alerts, counters, reconnection, expiry ---------------
     def _watch(self):
         lt = self.lt
-        next_connect = 0
-        while not self._stop.wait(TICK):
+        next_connect = next_look = 0
+        while not self._stop.is_set():
+            # wakes at the first alert: a finished segment is flushed and
+            # handed to its reader without waiting for a tick
+            self.session.wait_for_alert(int(TICK * 1000))
             for alert in self.session.pop_alerts():
                 LOG.debug('p2p: %s: %s', type(alert).__name__,
                           alert.message())
@@ -530,6 +533,9 @@ class Swarm:
                 elif isinstance(alert, lt.peer_blocked_alert):
                     REGISTRY.inc('template_agent_p2p_refused_total')
             now = time.monotonic()
+            if now < next_look:  # alerts come often; the rest every tick
+                continue
+            next_look = now + TICK
             reconnect = now >= next_connect
             if reconnect:
                 next_connect = now + 2
