@@ -333,7 +333,8 @@ class Swarm:
                 return False
             self._demands = {i: d for i, d in self._demands.items()
                              if now - d[0] < 60}
-            self._demands[image_id] = (now, False)
+            # meanwhile, other peers asking are told to wait (404)
+            self._demands[image_id] = (now, True)
         try:
             will = bool(self.on_demand(image_id))
         except Exception as exc:  # a bad id, a full job table: not shared
