@@ -239,7 +239,12 @@ class Swarm:
         image source, when the swarm is full). On an error the image
         leaves the swarm at once; otherwise it is served for ``[p2p]
         seed_time`` seconds more."""
-        shared = self._join(image)
+        try:
+            shared = self._join(image)
+        except OSError as exc:  # the copy's directory: Glance alone
+            LOG.warning('p2p: image %s cannot be shared (%s); it comes '
+                        'from Glance alone', image.id, exc)
+            shared = None
         source = _SwarmSource(self, shared, glance)
         try:
             yield source
@@ -348,10 +353,23 @@ class Swarm:
     # -- the seed's side: tee, torrents, manifest -------------------------
     def tee(self, shared, offset, data):
         """Write ``data`` (received from Glance at ``offset``) into the
-        segment files; queue each segment that is now complete."""
-        length = len(data)
-        if shared.failed or not length:
+        segment files; queue each segment that is now complete. A failure
+        here (``state_path`` full) ends the sharing, never the seed's own
+        download."""
+        if shared.failed or not len(data):
             return
+        try:
+            self._tee(shared, offset, data)
+        except OSError as exc:
+            LOG.warning('p2p: image %s: cannot keep a copy for the peers '
+                        '(%s); they will download it from Glance',
+                        shared.image_id, exc)
+            REGISTRY.inc('template_agent_p2p_fallbacks_total',
+                         reason='seed_copy_failed')
+            shared.fail('the seed cannot keep a copy: %s' % exc)
+
+    def _tee(self, shared, offset, data):
+        length = len(data)
         position = offset
         view = memoryview(data)
         while position < offset + length:
