@@ -498,6 +498,29 @@ def cache_evict(ctx, call, fmt, image_id):
         click.echo('evicted %s (volume %s)' % (image_id, volume_id))
 
 
+def _echo_p2p(p2p):
+    if not p2p.get('active'):
+        click.echo('p2p:             %s' % (
+            'enabled, in the service only' if p2p.get('enabled')
+            else 'disabled'))
+        return
+    click.echo('p2p:             %s among %d peers; received %s from peers, '
+               '%s from Glance; sent %s; %d bad pieces, banned: %s' % (
+                   p2p['self'], len(p2p['peers']),
+                   human_bytes(p2p['bytes_from_peers']),
+                   human_bytes(p2p['bytes_from_glance']),
+                   human_bytes(p2p['bytes_sent']), p2p['hash_failures'],
+                   ', '.join(p2p['banned_peers']) or 'none'))
+    for image_id, row in sorted(p2p['images'].items()):
+        click.echo('  %s: %s, %s (seed %s), %d segments, %s from peers, '
+                   '%s from Glance, %s sent, peers %s' % (
+                       image_id, row['role'], row['state'], row['seed'],
+                       row['segments'], human_bytes(row['bytes_from_peers']),
+                       human_bytes(row['bytes_from_glance']),
+                       human_bytes(row['bytes_sent']),
+                       ', '.join(row['connected_peers']) or 'none'))
+
+
 @output('status')
 def status(ctx, call, fmt):
     info = call()
@@ -513,6 +536,7 @@ def status(ctx, call, fmt):
         'volume_linking declines'))
     click.echo('base images:     %d in %s' % (info['base_images'],
                                               info['base_dir']))
+    _echo_p2p(info.get('p2p') or {})
     backend = info['volume_backend']
     if not backend.get('available', True) or 'backend' not in backend:
         click.echo('volume backend:  unavailable: %s'

@@ -13,6 +13,18 @@ from oslo_config import cfg
 
 DEFAULT_OPTS = [
     cfg.StrOpt(
+        'host',
+        default=socket.gethostname(),
+        sample_default='<hostname>',
+        help="""
+Name of this host, as nova-compute's ``host``. Peer-to-peer distribution
+finds this agent in ``[p2p] peers`` by it (or by ``[p2p] listen``).
+
+Related options:
+
+* ``[p2p] peers``
+"""),
+    cfg.StrOpt(
         'instances_path',
         default='/var/lib/nova/instances',
         help="""
@@ -667,6 +679,120 @@ atomically after each cache manager pass and every minute. Unset: only
 ]
 
 
+P2P_OPTS = [
+    cfg.BoolOpt(
+        'enabled',
+        default=False,
+        help="""
+Share image bytes with the other agents of ``peers`` (BitTorrent through
+libtorrent, on the management network): for each image one agent, chosen
+by rendezvous hashing of the image id over ``peers``, downloads it from
+Glance and the others fetch its segments from the swarm. Every agent still
+verifies the whole image against Glance's hash before publishing it; on
+anything wrong or stalled it downloads from Glance as without this option.
+Works in the service only (``template-agent serve``); a fetch run in the
+CLI's own process downloads from Glance. Needs the ``p2p`` extra
+(``pip install template-image-agent[p2p]``).
+
+Related options:
+
+* ``peers``, ``listen``, ``ca_file``, ``cert_file``, ``key_file``
+"""),
+    cfg.ListOpt(
+        'peers',
+        default=[],
+        help="""
+Every agent of the peer set (e.g. a nova aggregate), this one included,
+as ``host:port`` of their ``listen`` address, comma-separated. All agents
+of a set must list the same peers: the seed of an image is chosen from
+this list. BitTorrent runs on the port after each (``port + 1``), and only
+these addresses may connect to it.
+
+Possible values:
+
+* ``10.0.0.11:9395,10.0.0.12:9395,10.0.0.13:9395``
+
+Related options:
+
+* ``listen``
+"""),
+    cfg.StrOpt(
+        'listen',
+        help="""
+``address:port`` on the management network where this agent serves the
+manifests of the images it seeds (HTTPS, clients must present a
+certificate signed by ``ca_file``). BitTorrent listens on the same address,
+``port + 1``. Required when ``enabled``.
+
+Related options:
+
+* ``peers``
+"""),
+    cfg.StrOpt(
+        'ca_file',
+        help="""
+PEM file of the CA that signs the certificates of the agents of the peer
+set; an agent without such a certificate gets no manifest and no answer.
+"""),
+    cfg.StrOpt(
+        'cert_file',
+        help="""
+PEM certificate of this agent, signed by ``ca_file``; presented as server
+and as client.
+"""),
+    cfg.StrOpt(
+        'key_file',
+        help="""
+PEM private key of ``cert_file``. Read at start, while the service is still
+root, so it may be readable by root only.
+"""),
+    cfg.IntOpt(
+        'upload_rate_limit',
+        default=0,
+        min=0,
+        help="""
+Bytes per second this agent may upload to its peers, all images together,
+so guests are not starved of network. 0: no limit.
+"""),
+    cfg.IntOpt(
+        'segment_size_mb',
+        default=32,
+        min=1,
+        max=1024,
+        help="""
+MiB per segment: the seed publishes a torrent for each segment as soon as
+it has downloaded it, so the others start before it has finished. Smaller
+segments overlap more and cost more torrents (a manifest holds at most
+1024).
+"""),
+    cfg.IntOpt(
+        'stall_timeout',
+        default=30,
+        min=1,
+        help="""
+Seconds without a byte from the swarm (or without an answer from the
+seed) after which an agent stops waiting for its peers and downloads the
+rest of the image from Glance.
+"""),
+    cfg.IntOpt(
+        'seed_time',
+        default=600,
+        min=0,
+        help="""
+Seconds an agent keeps serving an image to its peers after it has it; then
+its copy for the swarm is deleted. 0: stop at once.
+"""),
+    cfg.IntOpt(
+        'max_images',
+        default=4,
+        min=1,
+        help="""
+Images this agent shares at once; beyond that it downloads from Glance
+alone (and the oldest finished image is dropped from the swarm first).
+"""),
+]
+
+
 def list_opts(auth_plugins=('password', 'admin_token')):
     """Options for oslo-config-generator (namespace ``template_agent``),
     with the options of ``auth_plugins`` in ``[cinder]``: the plugin that
@@ -683,6 +809,7 @@ def list_opts(auth_plugins=('password', 'admin_token')):
         ('image_volume_cache', IMAGE_VOLUME_CACHE_OPTS),
         ('api', API_OPTS),
         ('metrics', METRICS_OPTS),
+        ('p2p', P2P_OPTS),
     ]
 
 

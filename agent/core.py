@@ -444,7 +444,14 @@ class TemplateAgent:
                      'image_source': self.conf.image_source.driver,
                      'base_dir': self.base_dir,
                      'base_images': len(manager.base_names(self.base_dir))},
-                    **self.volumes.status())
+                    **self.volumes.status(), **self._p2p_status())
+
+    def _p2p_status(self):
+        swarm = self.context.swarm
+        if swarm is None:
+            return {'p2p': {'enabled': bool(self.conf.p2p.enabled),
+                            'active': False}}
+        return {'p2p': dict(swarm.status(), enabled=True, active=True)}
 
     # -- restart ------------------------------------------------------------
     def init(self):
@@ -489,4 +496,6 @@ class TemplateAgent:
                        sum(r['disk_bytes'] for r in rows)))
         if self.volumes.enabled:
             gauges.extend(self.volumes.gauges())
+        if self.context.swarm is not None:
+            gauges.extend(self.context.swarm.gauges())
         return gauges

@@ -6,12 +6,17 @@ then tells systemd READY=1. The main loop pings the watchdog at half of
 ``WATCHDOG_USEC``, keeps ``STATUS=`` current, runs the cache manager pass
 every ``[image_cache] manager_interval`` seconds (0 = every 60 s, -1 =
 never, as nova) in a worker thread, and writes the metrics textfile.
-SIGHUP reloads the configuration; SIGTERM stops taking work, cancels
+With ``[p2p] enabled`` it also shares image bytes with its peers
+(``agent.p2p``): the listener and the key are set up while still root, the
+swarm starts once the agent works as the owner of ``instances_path``.
+SIGHUP reloads the configuration ([p2p] changes need a restart); SIGTERM
+stops taking work, cancels
 in-flight jobs at their next progress report (their handlers roll back, so
 nothing partial is published), sends STOPPING=1 and exits 0.
 """
 
 import logging
+import os
 import resource
 import signal
 import threading
@@ -52,6 +57,7 @@ class Service:
         self._pass_thread = None
         self._last_pass = None
         self._gauges = (None, [])
+        self.swarm = None
 
     # -- lifecycle ----------------------------------------------------------
     def run(self):
@@ -63,9 +69,14 @@ class Service:
         # the agent core drops to the owner of instances_path
         self.api = api.ApiServer(self, conf.api)
         try:
+            if conf.p2p.enabled:
+                from agent.p2p.swarm import Swarm
+                self.swarm = Swarm(conf)
             self.agent = core.TemplateAgent(conf)
         except BaseException:
             self.api.server.server_close()
+            if self.swarm is not None:
+                self.swarm.stop()
             raise
         signal.signal(signal.SIGTERM, lambda *_: self._stop.set())
         signal.signal(signal.SIGINT, lambda *_: self._stop.set())
@@ -73,6 +84,10 @@ class Service:
         systemd.notify('STATUS=restoring base images (init)')
         report = self.agent.init()
         LOG.info('init done', extra={'init': report})
+        if self.swarm is not None:
+            self.swarm.on_demand = self._fetch_for_peer
+            self.swarm.start()
+            self.agent.context.swarm = self.swarm
         self.api.start()
         systemd.notify('READY=1', 'STATUS=' + self.status_line())
         LOG.info('serving on %s', conf.api.socket_path)
@@ -120,6 +135,8 @@ class Service:
                 LOG.error('jobs still running after %d s: %s', STOP_TIMEOUT,
                           [j.id for j in self.api.jobs.running()])
             self.api.stop()
+        if self.swarm is not None:
+            self.swarm.stop()
         if self._pass_thread is not None:
             self._pass_thread.join(STOP_TIMEOUT)
         self._write_textfile()
@@ -135,11 +152,25 @@ class Service:
             return False
         if new.conf.api.socket_path != self.agent.conf.api.socket_path:
             LOG.warning('[api] socket_path changes need a restart')
+        new.context.swarm = self.swarm
         self.agent = new
         if self.api is not None:
             self.api.limits = new.conf.api
         LOG.info('configuration reloaded')
         systemd.notify('STATUS=' + self.status_line())
+        return True
+
+    def _fetch_for_peer(self, image_id):
+        """A peer asks this agent for ``image_id``, which it does not
+        share: fetch it as a job, as if nova had asked (checked against
+        Glance with this agent's own credentials, like any fetch), unless
+        its base is here already. Whether it started."""
+        agent = self.agent
+        if self.api.jobs.cancelling.is_set() or \
+                os.path.lexists(agent.base_path(image_id)):
+            return False
+        self.api.jobs.start('fetch', image_id, lambda progress: {
+            'path': agent.fetch_image(image_id, progress=progress)})
         return True
 
     # -- the cache manager pass -------------------------------------------

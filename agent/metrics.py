@@ -34,6 +34,26 @@ DEFINITIONS = {
     'template_agent_api_connections_refused_total':
         ('counter', 'Local API connections refused, by the [api] cap that '
                     'was full.'),
+    'template_agent_p2p_received_bytes_total':
+        ('counter', 'Image bytes received for shared images, by source '
+                    '(peers or glance).'),
+    'template_agent_p2p_sent_bytes_total':
+        ('counter', 'Image bytes sent to peers.'),
+    'template_agent_p2p_fallbacks_total':
+        ('counter', 'Shared images that went on from Glance, by reason.'),
+    'template_agent_p2p_hash_failures_total':
+        ('counter', 'Pieces from peers that failed their hash check.'),
+    'template_agent_p2p_banned_peers_total':
+        ('counter', 'Peers banned for sending bad pieces.'),
+    'template_agent_p2p_images':
+        ('gauge', 'Images shared with peers, by role (seed or peer) and '
+                  'state (fetching, seeding, failed).'),
+    'template_agent_p2p_peers':
+        ('gauge', 'Agents of the peer set besides this one, and those '
+                  'connected now.'),
+    'template_agent_p2p_refused_total':
+        ('counter', 'Connections refused: no valid certificate, or not a '
+                    'peer.'),
 }
 
 

@@ -46,12 +46,13 @@ def image_record(image_id, path, disk_format='raw', virtual_size=None,
 
 
 class GlanceStandIn:
-    def __init__(self):
+    def __init__(self, host='127.0.0.1'):
         self.images = {}      # id -> (record, data path)
         self.faults = {}      # id -> dict, see fail()
         self.range_faults = {}  # id -> dict, see answer_ranges()
         self._closing = threading.Event()
         self.data_requests = {}
+        self.bytes_served = {}  # id -> bytes of /file sent
         self._lock = threading.Lock()
         standin = self
 
@@ -69,10 +70,9 @@ class GlanceStandIn:
             def do_GET(self):
                 standin._serve(self)
 
-        self.server = http.server.ThreadingHTTPServer(('127.0.0.1', 0),
-                                                      Handler)
+        self.server = http.server.ThreadingHTTPServer((host, 0), Handler)
         self.server.daemon_threads = True
-        self.url = 'http://127.0.0.1:%d' % self.server.server_port
+        self.url = 'http://%s:%d' % (host, self.server.server_port)
         self._thread = threading.Thread(target=self.server.serve_forever,
                                         daemon=True)
 
@@ -196,6 +196,9 @@ class GlanceStandIn:
                         req.connection.sendall(os.pread(f.fileno(), 1,
                                                         offset))
                         offset += 1
+                        with self._lock:
+                            self.bytes_served[image_id] = \
+                                self.bytes_served.get(image_id, 0) + 1
                         if self._closing.wait(1):
                             return
                         continue
@@ -204,6 +207,9 @@ class GlanceStandIn:
                     if sent == 0:
                         break
                     offset += sent
+                    with self._lock:
+                        self.bytes_served[image_id] = \
+                            self.bytes_served.get(image_id, 0) + sent
         except (BrokenPipeError, ConnectionResetError):
             return
         if limit < size:

@@ -36,6 +36,7 @@ class HandlerContext:
         self.source = source        # agent.images.sources.ImageSource
         self.index = index          # agent.cache.index.BaseImageIndex
         self.base_dir = base_dir    # $instances_path/_base
+        self.swarm = None           # agent.p2p.swarm.Swarm, in the service
         self._volume_backend = None
         self._image_volume_cache = None
 

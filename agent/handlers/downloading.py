@@ -8,14 +8,27 @@ and only then give the result its name. Where the filesystem cannot make
 nameless files, nova's temporary names (``.part``, ``.converted``) are
 used, created exclusively, so either side cleans the other's leftovers
 under the shared lock. See ``agent.files`` for why.
+
+With ``[p2p] enabled`` (in the service), the bytes come from the agents'
+swarm (``agent.p2p``) through the very same sequence: the swarm is only
+another image source, so what it gives is inspected, hashed against the
+image's hash from Glance and published by the same code, or not at all.
+When that fails, for any reason, the image is downloaded again from
+Glance alone.
 """
 
+import logging
 import os
 
 from agent import errors, files, naming
 from agent.cache.index import BaseImage
 from agent.handlers.base import BaseTemplateImageHandler
 from agent.images import download, inspection, qemu_img
+from agent.metrics import REGISTRY
+
+LOG = logging.getLogger(__name__)
+#: errors a second, plain download would not cure
+_FINAL = (errors.Cancelled, errors.InsufficientSpace, errors.ImageTooLarge)
 
 
 class DownloadingTemplateImageHandler(BaseTemplateImageHandler):
@@ -46,6 +59,25 @@ class DownloadingTemplateImageHandler(BaseTemplateImageHandler):
             raise errors.ImageTooLarge(image_id=image.id,
                                        size=image.virtual_size,
                                        limit=self.conf.max_image_virtual_size_gb)
+        glance = self.context.source
+        swarm = self.context.swarm
+        if swarm is None or not swarm.wants(image):
+            return self._fetch(image, path, glance, progress)
+        try:
+            with swarm.share(image, glance) as source:
+                return self._fetch(image, path, source, progress)
+        except _FINAL:
+            raise
+        except errors.AgentError as exc:
+            REGISTRY.inc('template_agent_p2p_fallbacks_total',
+                         reason=type(exc).__name__)
+            LOG.warning('image %s: the copy from the swarm failed (%s); '
+                        'nothing of it was published; downloading it from '
+                        'Glance alone', image.id, exc)
+        return self._fetch(image, path, glance, progress)
+
+    def _fetch(self, image, path, source, progress):
+        """Download ``image`` from ``source``, verify, convert, publish."""
         will_convert = self.conf.force_raw_images and \
             image.disk_format not in ('raw', 'iso') + inspection.AMI_FORMATS
         name = os.path.basename(path)
@@ -92,7 +124,7 @@ class DownloadingTemplateImageHandler(BaseTemplateImageHandler):
                 part_fd, _ = new_file(part_name)
                 result, virtual_size, fmt, (fd, temp_name) = \
                     download.download_verified(
-                        self.context.source, image, part_fd, then=make_raw,
+                        source, image, part_fd, then=make_raw,
                         limits=download.DownloadLimits.from_conf(self.conf),
                         progress=progress,
                         # a file converted, then discarded, is never fsynced
@@ -113,7 +145,7 @@ class DownloadingTemplateImageHandler(BaseTemplateImageHandler):
                         files.unlink_quietly(temp_name, dir_fd=dir_fd)
         return BaseImage(
             filename=name, image_id=image.id,
-            handler=self.name, source=self.context.source.name,
+            handler=self.name, source=source.name,
             size_bytes=size, virtual_size=virtual_size,
             disk_format=image.disk_format, hash_algo=result.hash_algo,
             hash_value=result.hash_value, image_updated_at=image.updated_at)
