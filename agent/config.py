@@ -13,18 +13,6 @@ from oslo_config import cfg
 
 DEFAULT_OPTS = [
     cfg.StrOpt(
-        'host',
-        default=socket.gethostname(),
-        sample_default='<hostname>',
-        help="""
-Name of this host, as nova-compute's ``host``. Peer-to-peer distribution
-finds this agent in ``[p2p] peers`` by it (or by ``[p2p] listen``).
-
-Related options:
-
-* ``[p2p] peers``
-"""),
-    cfg.StrOpt(
         'instances_path',
         default='/var/lib/nova/instances',
         help="""
@@ -43,9 +31,14 @@ Related options:
         sample_default='<current_hostname>',
         help="""
 Name of this host, as nova-compute's ``host``: the name the volume backend
-gives Cinder in connectors and attachments, and that the image-volume cache
-shows as a holder. Keep it equal to nova's on the same hypervisor, and
-unique in the fleet.
+gives Cinder in connectors and attachments, that the image-volume cache
+shows as a holder, and by which peer-to-peer distribution finds this agent
+in ``[p2p] peers`` (or by ``[p2p] listen``). Keep it equal to nova's on the
+same hypervisor, and unique in the fleet.
+
+Related options:
+
+* ``[p2p] peers``
 """),
     cfg.StrOpt(
         'state_path',
