@@ -131,7 +131,8 @@ class LocalVolumeBackend(VolumeBackend):
             yield
 
     def _write_meta(self, volume_id, meta):
-        tmp = self._meta_file(volume_id) + '.tmp'
+        # the writer's pid in the name: reclaim drops a dead writer's at once
+        tmp = '%s.%d.tmp' % (self._meta_file(volume_id), os.getpid())
         with open(tmp, 'w', encoding='utf-8') as f:
             json.dump(meta, f, sort_keys=True)
             f.flush()
@@ -275,10 +276,13 @@ class LocalVolumeBackend(VolumeBackend):
                 if dead or 'volume-' + volume_id not in names:
                     self.delete(volume_id)
                     gone['volumes'].append(volume_id)
-            elif name.endswith('.json.tmp'):
+            elif name.endswith('.tmp') and '.json.' in name:
                 path = os.path.join(self.path, name)
+                pid = name.rsplit('.', 2)[-2]
                 with contextlib.suppress(OSError):
-                    if time.time() - os.lstat(path).st_mtime > STALE_SECONDS:
+                    if not (pid.isdigit() and psutil.pid_exists(int(pid))) \
+                            or time.time() - os.lstat(path).st_mtime > \
+                            STALE_SECONDS:
                         os.unlink(path)
             elif _UUID.match(name[7:]) and name + '.json' not in names:
                 self.delete(name[7:])  # data whose metadata never came
