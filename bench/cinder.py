@@ -38,11 +38,9 @@ import glob
 import os
 import random
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -53,63 +51,9 @@ from tests.real_cinder import (RealCinder, end_exports,  # noqa: E402
                                ensure_installed)
 from tests.real_glance import RealGlance  # noqa: E402
 from tests.real_glance import ensure_installed as glance_installed  # noqa
-from tests.real_glance import free_port  # noqa: E402
+from tests.netns import Relay  # noqa: E402
 
 MiB = 1024 * 1024
-
-
-class CountingProxy:
-    """A TCP proxy on 127.0.0.1 that counts the bytes the upstream sends."""
-
-    def __init__(self, upstream_port):
-        self.upstream = ('127.0.0.1', upstream_port)
-        self.port = free_port()
-        self.sent = 0
-        self._lock = threading.Lock()
-        self._server = socket.create_server(('127.0.0.1', self.port))
-        self._stop = False
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    @property
-    def url(self):
-        return 'http://127.0.0.1:%d' % self.port
-
-    def _accept(self):
-        while not self._stop:
-            try:
-                client, _ = self._server.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(self.upstream)
-            threading.Thread(target=self._pump, args=(client, upstream,
-                                                      False),
-                             daemon=True).start()
-            threading.Thread(target=self._pump, args=(upstream, client,
-                                                      True),
-                             daemon=True).start()
-
-    def _pump(self, src, dst, count):
-        try:
-            while True:
-                data = src.recv(1 << 20)
-                if not data:
-                    break
-                dst.sendall(data)
-                if count:
-                    with self._lock:
-                        self.sent += len(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-    def close(self):
-        self._stop = True
-        self._server.close()
 
 
 def make_image(path, size_mib, zero_fraction=0.26):
@@ -198,7 +142,8 @@ def main():
         glance = RealGlance(venv=glance_installed(),
                             workdir=os.path.join(root, 'glance'))
         glance.start()
-        proxy = CountingProxy(glance.port)
+        proxy = Relay(None, '127.0.0.1',
+                      ('127.0.0.1', glance.port)).start()
         cinder = RealCinder(venv=ensure_installed(),
                             workdir=os.path.join(root, 'cinder'),
                             glance_url=glance.url,

@@ -143,7 +143,8 @@ class Relay:
     that hosts in the namespaces reach a server that runs outside them
     (the real Glance) through the namespace's rate-limited link. Counts the
     bytes relayed towards the clients (``sent``). Only a wire: what
-    crosses it is untouched."""
+    crosses it is untouched. With ``namespace`` None it listens in this
+    process's own namespace (a counting proxy on loopback)."""
 
     def __init__(self, namespace, address, target):
         self.target = target
@@ -151,17 +152,23 @@ class Relay:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._sockets = []
-        with entered(namespace):
+        with entered(namespace) if namespace else contextlib.nullcontext():
             self.listener = socket.create_server((address, 0))
         self.url = 'http://%s:%d' % (address,
                                      self.listener.getsockname()[1])
         self._thread = threading.Thread(target=self._accept, daemon=True)
 
-    def __enter__(self):
+    def start(self):
         self._thread.start()
         return self
 
+    def __enter__(self):
+        return self.start()
+
     def __exit__(self, *exc):
+        self.close()
+
+    def close(self):
         self._stop.set()
         self.listener.close()
         with self._lock:
