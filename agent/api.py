@@ -136,12 +136,14 @@ class Jobs:
             self._expire()
             self._jobs[job.id] = job
 
-        def progress(done, total):
+        def progress(done, total, sources=None):
             if self.cancelling.is_set():
                 raise errors.Cancelled()
             if job.cancel_requested.is_set():
                 raise errors.JobCancelled()
             job.progress = {'done': done, 'total': total}
+            if sources is not None:
+                job.progress['sources'] = dict(sources)
 
         def run():
             try:

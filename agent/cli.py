@@ -41,6 +41,15 @@ def human_bytes(n):
         n /= 1024.0
 
 
+def sources_text(sources):
+    """``{source: bytes}`` as ``1.2 GiB from peers, 64.0 MiB from glance``
+    (None when there is nothing to say)."""
+    if not sources:
+        return None
+    return ', '.join('%s from %s' % (human_bytes(n), source)
+                     for source, n in sources.items())
+
+
 def human_time(ts):
     if not ts:
         return '-'
@@ -296,13 +305,13 @@ def _progress_bar(label):
         return
     state = {'bar': None, 'done': 0}
 
-    def progress(done, total):
+    def progress(done, total, sources=None):
         if state['bar'] is None:
             state['bar'] = click.progressbar(
                 length=total or 0, label=label, file=sys.stderr,
-                show_pos=False)
+                show_pos=False, item_show_func=lambda item: item)
             state['bar'].__enter__()
-        state['bar'].update(done - state['done'])
+        state['bar'].update(done - state['done'], sources_text(sources))
         state['done'] = done
     try:
         yield progress

@@ -88,15 +88,19 @@ class ServiceClient:
 
     def _follow(self, job, progress=None):
         """Follow a job until it ends; return its result or raise."""
+        def report():
+            done = job['progress']
+            if progress and done['done']:
+                progress(done['done'], done['total'],
+                         sources=done.get('sources'))
+
         while job['state'] == 'running':
-            if progress and job['progress']['done']:
-                progress(job['progress']['done'], job['progress']['total'])
+            report()
             job = self.request('GET', '/v1/jobs/%s?wait=%s' % (
                 job['id'], WAIT_STEP))
         if job['state'] != 'succeeded':
             raise ServiceError(job['error'] or {})
-        if progress and job['progress']['done']:
-            progress(job['progress']['done'], job['progress']['total'])
+        report()
         return job['result']
 
     def cancel_job(self, job_id):

@@ -54,6 +54,15 @@ def _alive(pid):
     return True
 
 
+def _summed(counts):
+    """``{source: bytes}`` dicts added up, source by source."""
+    total = {}
+    for count in counts:
+        for source, n in count.items():
+            total[source] = total.get(source, 0) + n
+    return total
+
+
 def lstat_or_none(name, dir_fd):
     try:
         return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
@@ -215,20 +224,28 @@ class TemplateAgent:
         ``precache_concurrency`` at a time; per image ``cached``,
         ``existing``, ``unsupported`` or ``error``.
 
-        :param progress: ``callable(images_done, images_total)``, also
-            called while each image streams (so it can cancel by raising)
+        :param progress: ``callable(images_done, images_total,
+            sources=None)``, also called while each image streams (so it
+            can cancel by raising); ``sources``: the bytes read so far
+            from each source, summed over the images whose fetch tells
+            (a peer-to-peer one: ``peers`` and ``glance``)
         """
         ids = list(dict.fromkeys(image_ids))
         results = {}
+        sources = {}  # image id -> bytes by source, of fetches that say
 
-        def step(*_):
+        def step(image_id=None, source_bytes=None):
+            if image_id is not None and source_bytes is not None:
+                sources[image_id] = source_bytes
             if progress:
-                progress(len(results), len(ids))
+                progress(len(results), len(ids), sources=_summed(
+                    sources.values()) if sources else None)
 
         def one(image_id):
             existed = os.path.lexists(self.base_path(image_id))
             try:
-                self.fetch_image(image_id, progress=step)
+                self.fetch_image(image_id, progress=lambda done, total,
+                                 sources=None: step(image_id, sources))
                 results[image_id] = 'existing' if existed else 'cached'
             except errors.Cancelled:
                 raise

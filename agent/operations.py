@@ -332,7 +332,10 @@ def reference():
         'Operations marked *job* answer 202 with a job '
         '(`{"id", "kind", "target", "state", "progress", "result", '
         '"error"}`); follow it with `GET /v1/jobs/{id}?wait=<seconds>` '
-        'until its state is `succeeded` or `failed`.',
+        'until its state is `succeeded` or `failed`. Its `progress` is '
+        '`{"done", "total"}` (bytes, or images for `precache`), with '
+        '`"sources": {"peers", "glance"}` (bytes read from each) when the '
+        'fetch comes through the peer-to-peer swarm.',
         '',
         '| method | path | CLI | what |',
         '|---|---|---|---|',

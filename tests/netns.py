@@ -17,6 +17,8 @@ and stops them by PID in ``finally``.
 import contextlib
 import ctypes
 import os
+import pty
+import select
 import signal
 import socket
 import subprocess
@@ -218,6 +220,43 @@ class Relay:
                 pass
 
 
+def _run_on_a_terminal(command, environ, timeout):
+    """Run ``command`` with its stderr on a pseudo-terminal; its return
+    code and its stdout followed by what it wrote on the terminal. The
+    terminal stays open here until everything the command wrote is read
+    (a pty whose last writer closes may drop what was not read yet)."""
+    master, slave = pty.openpty()
+    screen = []
+    exited = threading.Event()
+
+    def drain():
+        while True:
+            ready, _, _ = select.select([master], [], [], 0.2)
+            if not ready:
+                if exited.is_set():
+                    return
+                continue
+            screen.append(os.read(master, 65536))
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    try:
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE,
+                                stderr=slave, env=environ)
+        try:
+            out, _ = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            raise
+    finally:
+        exited.set()
+        reader.join(10)
+        os.close(slave)
+        os.close(master)
+    return proc.returncode, (out + b''.join(screen)).decode(
+        errors='replace')
+
+
 def make_certificates(directory):
     """A CA and an agent certificate signed by it (``ca.pem``,
     ``agent.pem``, ``agent.key``), and one from another CA
@@ -368,21 +407,27 @@ class PeerAgents:
                 proc.wait(10)
         self.procs = {}
 
-    def fetch_all(self, image_id, envs=None, timeout=300):
+    def fetch_all(self, image_id, envs=None, timeout=300, terminal=False):
         """``fetch image_id`` on every host at once (the CLI, through each
-        host's service); ``{namespace: (returncode, output, seconds)}``."""
+        host's service); ``{namespace: (returncode, output, seconds)}``.
+        With ``terminal``, each CLI's stderr is a pseudo-terminal, so it
+        draws its progress bar as an operator would see it."""
         envs = envs if envs is not None else self.envs
         results = {}
 
         def one(env):
             started = time.monotonic()
-            proc = subprocess.run(
-                [sys.executable, '-m', 'agent.cli', '--config-file',
-                 env.conf_path, 'fetch', image_id],
-                capture_output=True, text=True, timeout=timeout,
-                env=dict(os.environ, PYTHONPATH=REPO))
-            results[env.namespace] = (proc.returncode,
-                                      proc.stdout + proc.stderr,
+            command = [sys.executable, '-m', 'agent.cli', '--config-file',
+                       env.conf_path, 'fetch', image_id]
+            environ = dict(os.environ, PYTHONPATH=REPO)
+            if terminal:
+                code, out = _run_on_a_terminal(command, environ, timeout)
+            else:
+                proc = subprocess.run(command, capture_output=True,
+                                      text=True, timeout=timeout,
+                                      env=environ)
+                code, out = proc.returncode, proc.stdout + proc.stderr
+            results[env.namespace] = (code, out,
                                       time.monotonic() - started)
         threads = [threading.Thread(target=one, args=(env,)) for env in envs]
         for thread in threads:

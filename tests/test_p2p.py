@@ -9,6 +9,7 @@ namespaces and agents are removed even when it fails.
 
 import hashlib
 import os
+import re
 import random
 import shutil
 import time
@@ -116,9 +117,10 @@ def test_four_hosts_glance_serves_the_image_once(cluster, certs, image_file,
         with netns.Relay(net.glance_ns, net.glance_ip, (host, int(port))) \
                 as relay, netns.PeerAgents(tmp_path, net, relay.url,
                                            certs) as agents:
-            results = agents.fetch_all(image_id)
+            results = agents.fetch_all(image_id, terminal=True)
             served = relay.sent
             check_four_hosts(agents, results, image_id, image_file, served)
+            check_progress_shows_both_sources(results, image_file)
     finally:
         real_glance.delete(image_id)
 
@@ -142,6 +144,25 @@ def check_four_hosts(agents, results, image_id, image_file, served):
                  'template_agent_p2p_peers{which="listed"} 3',
                  'state="seeding"} 1'):
         assert line in metrics, metrics
+
+
+def check_progress_shows_both_sources(results, image_file):
+    """Each fetch's progress bar, as drawn on its terminal, ends with the
+    bytes it read from peers and from Glance: the seed's all from Glance,
+    the others' (nearly) all from peers."""
+    size_mib = os.path.getsize(image_file) / 1024 ** 2
+    units = {'B': 1 / 1024 ** 2, 'KiB': 1 / 1024, 'MiB': 1, 'GiB': 1024}
+    last = {}
+    for ns, (_, out, _) in results.items():
+        found = re.findall(r'([\d.]+) (B|KiB|MiB|GiB) from peers, '
+                           r'([\d.]+) (B|KiB|MiB|GiB) from glance', out)
+        assert found, '%s: no bytes by source in %r' % (ns, out[-600:])
+        peers, pu, glance, gu = found[-1]
+        last[ns] = (float(peers) * units[pu], float(glance) * units[gu])
+    for ns, (peers, glance) in last.items():
+        assert peers + glance == pytest.approx(size_mib, rel=0.02), last
+    assert sum(1 for peers, _ in last.values()
+               if peers >= 0.9 * size_mib) >= 3, last
 
 
 def test_a_peer_sending_corrupt_pieces_is_banned(cluster, certs, image_file,

@@ -65,7 +65,8 @@ class DownloadingTemplateImageHandler(BaseTemplateImageHandler):
             return self._fetch(image, path, glance, progress)
         try:
             with swarm.share(image, glance) as source:
-                return self._fetch(image, path, source, progress)
+                return self._fetch(image, path, source,
+                                   source.reporting(progress))
         except _FINAL:
             raise
         except errors.AgentError as exc:

@@ -86,6 +86,7 @@ class _Shared:
         self.received = {}        # index -> payload bytes counted
         self.sent = {}
         self.from_glance = 0
+        self.read_from_peers = 0  # what the fetch read from segments
         self.changed = threading.Condition()
         # the seed's tee: bytes written from 0 on, segments queued
         self.high = 0
@@ -719,6 +720,20 @@ class _SwarmSource:
     def get(self, image_id):
         return self.glance.get(image_id)
 
+    def reporting(self, progress):
+        """``progress`` (``callable(done, total, sources=None)``) told, at
+        every call, how many of the bytes the fetch read so far came from
+        peers and how many from Glance; None stays None."""
+        shared = self.shared
+        if progress is None or shared is None:
+            return progress
+
+        def report(done, total, sources=None):
+            progress(done, total, sources={
+                'peers': shared.read_from_peers,
+                'glance': shared.from_glance})
+        return report
+
     def open(self, image, offset=0):
         shared = self.shared
         if shared is None:
@@ -828,6 +843,7 @@ class _PeerStream:
                             raise SwarmFailed('segment %d is short'
                                               % segment.index)
                         position += len(data)
+                        shared.read_from_peers += len(data)
                         yield data
                 finally:
                     os.close(fd)

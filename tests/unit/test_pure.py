@@ -2,10 +2,11 @@
 
 import hashlib
 import os
+import threading
 
 import pytest
 
-from agent import cli, metrics, naming
+from agent import api, cli, core, metrics, naming
 from agent.images import download
 
 
@@ -54,6 +55,30 @@ def test_human_bytes():
     assert [cli.human_bytes(n) for n in (None, 0, 1023, 1024, 1536,
                                          5 * 1024 ** 3, 3 * 1024 ** 5)] == [
         '-', '0 B', '1023 B', '1.0 KiB', '1.5 KiB', '5.0 GiB', '3072.0 TiB']
+
+
+def test_bytes_by_source_read_and_add_up():
+    assert cli.sources_text(None) is None
+    assert cli.sources_text({'peers': 3 * 1024 ** 2, 'glance': 0}) == \
+        '3.0 MiB from peers, 0 B from glance'
+    assert core._summed([{'peers': 5, 'glance': 1}, {'glance': 2}]) == {
+        'peers': 5, 'glance': 3}
+
+
+def test_a_job_keeps_the_bytes_by_source_it_was_told():
+    jobs = api.Jobs()
+    told = threading.Event()
+
+    def fn(progress):
+        progress(10, 100)
+        progress(40, 100, sources={'peers': 30, 'glance': 10})
+        told.set()
+        return 'done'
+    job = jobs.start('fetch', 'x', fn)
+    assert job.done.wait(10) and told.is_set()
+    assert job.to_dict()['progress'] == {
+        'done': 40, 'total': 100, 'sources': {'peers': 30, 'glance': 10}}
+    assert job.result == 'done'
 
 
 def test_sparse_writes_leave_zero_blocks_as_holes(tmp_path):
