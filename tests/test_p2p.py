@@ -159,7 +159,7 @@ def check_progress_shows_both_sources(results, image_file):
         assert found, '%s: no bytes by source in %r' % (ns, out[-600:])
         peers, pu, glance, gu = found[-1]
         last[ns] = (float(peers) * units[pu], float(glance) * units[gu])
-    for ns, (peers, glance) in last.items():
+    for peers, glance in last.values():
         assert peers + glance == pytest.approx(size_mib, rel=0.02), last
     assert sum(1 for peers, _ in last.values()
                if peers >= 0.9 * size_mib) >= 3, last
