@@ -34,10 +34,13 @@ from oslo_utils import timeutils
 
 from agent import errors, files
 from agent.images import download
+from agent.images.sources import TransientSourceError
 
 LOG = logging.getLogger(__name__)
 EVENTS = logging.getLogger('agent.events')
 GiB = 1024 ** 3
+#: ``[cinder] glance_locations``: a template recorded on its image, or not
+LOCATION_EVENTS = ('location_added', 'location_failed', 'location_removed')
 ENCRYPTION_PROPERTIES = ('cinder_encryption_key_id', 'img_encrypted',
                          'os_encrypt_key_id')
 
@@ -113,7 +116,7 @@ class ImageVolumeCache:
 
     def counters(self):
         return {k: self.db.get('count:' + k, 0)
-                for k in ('hit', 'miss', 'evict')}
+                for k in ('hit', 'miss', 'evict') + LOCATION_EVENTS}
 
     def _event(self, kind, entry, **extra):
         self.db.incr('count:' + kind)
@@ -235,6 +238,7 @@ class ImageVolumeCache:
                     self.backend.delete(volume.id)
                 except errors.VolumeAttached:
                     continue  # attached meanwhile
+                self._unpublish(meta.get('image_id'), volume.id)
                 gone.append(volume.id)
         return gone
 
@@ -350,6 +354,7 @@ class ImageVolumeCache:
                                                volume_id=claim)
                         first = next(iter(self._templates(image)), None)
                         if first is None or first.id == claim:
+                            self._publish(image, entry)
                             return entry, 'miss'
                 except BaseException:
                     with contextlib.suppress(errors.AgentError):
@@ -375,6 +380,61 @@ class ImageVolumeCache:
                     reason='the template volume %s another host is '
                     'writing was not ready in %d s' % (
                         first.id, self.backend.template_wait_timeout))
+
+    # -- Glance locations ([cinder] glance_locations) -------------------------
+    def _glance(self):
+        """The Glance to record templates on, or None (option off, another
+        image source, or a backend whose volumes Cinder cannot clone)."""
+        if not (self.backend.name == 'cinder' and
+                self.conf.cinder.glance_locations and
+                self.conf.image_source.driver == 'glance'):
+            return None
+        from agent.images.glance import GlanceImageSource
+        return GlanceImageSource(self.conf)
+
+    def _publish(self, image, entry):
+        """Record the template just written, and verified against the
+        image's hash (``download_verified``), as a ``cinder://`` location
+        of its image, so that Cinder's create-from-image clones it. Only
+        a raw, bare image: Cinder clones nothing else, and only those bits
+        are the image's own. Best effort: a refusal is logged and counted,
+        the fetch goes on."""
+        glance = self._glance()
+        if glance is None or image.disk_format != 'raw' or \
+                image.container_format != 'bare' or not image.expected_hash:
+            return
+        url = 'cinder://%s' % entry.volume_id
+        try:
+            if image.owner:
+                self.backend.set_image_owner(entry.volume_id, image.owner)
+            glance.add_location(image.id, url)
+        except (errors.AgentError, TransientSourceError) as exc:
+            LOG.warning('image %s: template %s not recorded in Glance (Cinder '
+                        'will download the image for volumes made from it): '
+                        '%s', image.id, entry.volume_id, exc)
+            self._event('location_failed', entry, reason=str(exc))
+            return
+        self._event('location_added', entry, location=url)
+
+    def _unpublish(self, image_id, volume_id):
+        """Remove the location of a template just deleted (Glance deletes
+        a removed location's volume: it is gone already)."""
+        glance = self._glance()
+        if glance is None or not image_id:
+            return
+        entry = CacheEntry(image_id=image_id, volume_id=volume_id,
+                           backend=self.backend.name, size_bytes=0)
+        try:
+            glance.remove_location(image_id, 'cinder://%s' % volume_id)
+        except errors.ImageNotFound:
+            return
+        except (errors.AgentError, TransientSourceError) as exc:
+            LOG.warning('image %s: the location of deleted template %s is '
+                        'left in Glance (harmless: Cinder finds no such '
+                        'volume and downloads): %s', image_id, volume_id, exc)
+            self._event('location_failed', entry, reason=str(exc))
+            return
+        self._event('location_removed', entry)
 
     def _claim(self, image):
         size = image.virtual_size or image.size or GiB
@@ -420,6 +480,7 @@ class ImageVolumeCache:
             self._delete(entry)
             return
         self._delete(entry)
+        self._unpublish(entry.image_id, entry.volume_id)
         self._event('evict', entry, reason=reason)
 
     def evict(self, image_id):

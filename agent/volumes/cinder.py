@@ -326,6 +326,14 @@ class CinderVolumeBackend(VolumeBackend):
                       'update the metadata of volume %s' % volume_id,
                       {'metadata': _encode(changes)})
 
+    def set_image_owner(self, volume_id, owner):
+        """Cinder's own ``image_owner`` metadata key (not the agent's
+        namespace): Cinder clones an image volume for a volume create in
+        another project only if it names the image's owner."""
+        self._request('POST', '/volumes/%s/metadata' % volume_id,
+                      'update the metadata of volume %s' % volume_id,
+                      {'metadata': {'image_owner': owner}})
+
     def holders(self, volume_id):
         """The hosts that have ``volume_id`` attached (Cinder's attachment
         records), sorted."""
