@@ -142,6 +142,7 @@ default_volume_type = {volume_type}
 cinder_internal_tenant_project_id = {internal_project}
 cinder_internal_tenant_user_id = {internal_user}
 glance_api_servers = {glance_url}
+allowed_direct_url_schemes = cinder
 report_interval = 2
 periodic_interval = 5
 service_down_time = 20
@@ -570,11 +571,15 @@ class RealCinder:
 
     # -- asking it ------------------------------------------------------------
     def request(self, method, path, body=None, base=None, ok=(200, 201,
-                                                              202, 204)):
-        url = (base or self.endpoint) + path
+                                                              202, 204),
+                project=None):
+        """A request as an admin of ``project`` (the agents' project when
+        None)."""
+        project = project or self.project_id
+        url = (base or '%s/v3/%s' % (self.url, project)) + path
         data = json.dumps(body).encode() if body is not None else None
         req = urllib.request.Request(url, method=method, data=data, headers={
-            'X-Auth-Token': 'admin:%s' % self.project_id,
+            'X-Auth-Token': 'admin:%s' % project,
             'Content-Type': 'application/json',
             'Accept': 'application/json',
             'OpenStack-API-Version': API_VERSION})
@@ -598,6 +603,7 @@ class RealCinder:
         while time.monotonic() < deadline:
             vol = self.request('GET', '/volumes/%s' % volume_id,
                                ok=(200, 404))
+            vol = vol if vol and 'volume' in vol else None  # 404: gone
             if not vol and 'deleted' in statuses:
                 return None
             if vol and vol['volume']['status'] in statuses:
@@ -669,6 +675,15 @@ if pytest is not None:
                                       glance_url=real_glance.url)
         except CinderStackError as exc:
             reason = str(exc)
+        if not reason:
+            try:
+                # Glance's cinder store: cinder:// locations (templates
+                # recorded by [cinder] glance_locations) for Cinder to clone
+                real_glance.enable_cinder_store(
+                    stack.url + '/v3/%(project_id)s')
+            except Exception as exc:  # noqa: BLE001 - reported below
+                stack.stop()
+                reason = 'Glance with its cinder store: %s' % exc
         if reason:
             pytest.fail('real Cinder on Ceph cannot be installed or '
                         'started: %s' % reason, pytrace=False)

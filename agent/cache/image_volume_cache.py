@@ -151,7 +151,8 @@ class ImageVolumeCache:
                                             image_id=image.id, reason=why)
         with self.lock(image.id):
             entry = self.fresh_entry(image.id)
-            if entry and _newer(image.updated_at, entry.image_updated_at):
+            if entry and _newer(image.updated_at, entry.image_updated_at) \
+                    and not self._still_fresh(entry, image):
                 self._retire(entry, 'image updated at %s' % image.updated_at)
                 entry = None
             if entry is None and self.backend.shared:
@@ -407,7 +408,9 @@ class ImageVolumeCache:
         try:
             if image.owner:
                 self.backend.set_image_owner(entry.volume_id, image.owner)
-            glance.add_location(image.id, url)
+            now = glance.add_location(image.id, url)
+            self._carry_forward(image.id, image.updated_at, now.updated_at,
+                                entry)
         except (errors.AgentError, TransientSourceError) as exc:
             LOG.warning('image %s: template %s not recorded in Glance (Cinder '
                         'will download the image for volumes made from it): '
@@ -425,7 +428,11 @@ class ImageVolumeCache:
         entry = CacheEntry(image_id=image_id, volume_id=volume_id,
                            backend=self.backend.name, size_bytes=0)
         try:
-            glance.remove_location(image_id, 'cinder://%s' % volume_id)
+            changed = glance.remove_location(image_id,
+                                             'cinder://%s' % volume_id)
+            if changed is None:
+                return
+            self._carry_forward(image_id, changed[0], changed[1].updated_at)
         except errors.ImageNotFound:
             return
         except (errors.AgentError, TransientSourceError) as exc:
@@ -435,6 +442,46 @@ class ImageVolumeCache:
             self._event('location_failed', entry, reason=str(exc))
             return
         self._event('location_removed', entry)
+
+    def _carry_forward(self, image_id, before, after, entry=None):
+        """Glance moves an image's ``updated_at`` when its locations
+        change: move the fresh templates made for ``before`` (shared
+        metadata, this host's entries and ``entry``) to ``after``, or every
+        host would take the location just changed for a new version of the
+        image and retire them."""
+        if not after or before == after:
+            return
+        for volume in self.backend.list():
+            meta = volume.metadata
+            if meta.get('kind') == 'template' and \
+                    meta.get('image_id') == image_id and \
+                    meta.get('state', 'fresh') == 'fresh' and \
+                    meta.get('image_updated_at') == before:
+                self.backend.update_metadata(volume.id,
+                                             image_updated_at=after)
+        for known in self.entries(image_id) + ([entry] if entry else []):
+            if known.state == 'fresh' and known.image_updated_at == before:
+                known.image_updated_at = after
+                if self.db.get('entry:' + known.volume_id):
+                    self._put(known)
+
+    def _still_fresh(self, entry, image):
+        """Whether an entry ``image`` looks newer than is still fresh: on a
+        shared backend, its template was carried forward to the image's
+        ``updated_at`` by the host that changed the image's locations
+        (``_carry_forward``); then the entry follows."""
+        if not self.backend.shared:
+            return False
+        try:
+            meta = self.backend.get(entry.volume_id).metadata
+        except errors.VolumeNotFound:
+            return False
+        if meta.get('state', 'fresh') != 'fresh' or \
+                _newer(image.updated_at, meta.get('image_updated_at')):
+            return False
+        entry.image_updated_at = image.updated_at
+        self._put(entry)
+        return True
 
     def _claim(self, image):
         size = image.virtual_size or image.size or GiB
@@ -555,6 +602,7 @@ class ImageVolumeCache:
                         if current and not current.holders:
                             self._remove(current, 'retired and released')
                 continue
+            image = None
             try:
                 image = source.get(entry.image_id)
             except errors.ImageNotFound:
@@ -569,7 +617,8 @@ class ImageVolumeCache:
                 reason = 'image updated at %s' % image.updated_at
             with self.lock(entry.image_id):
                 current = self._reload(entry)
-                if current and current.state == 'fresh':
+                if current and current.state == 'fresh' and not (
+                        image and self._still_fresh(current, image)):
                     self._retire(current, reason)
                     retired.append(current.image_id)
         return retired

@@ -266,7 +266,8 @@ class GlanceImageSource(ImageSource):
     # -- locations (``[cinder] glance_locations``) ---------------------------
     def _patch(self, image_id, ops, what):
         """One ``PATCH /v2/images/{id}`` (a JSON patch), on the first
-        server that answers; SourceUnavailable with Glance's answer if none
+        server that answers: the image as it is now (Glance moved its
+        ``updated_at``). SourceUnavailable with Glance's answer if none
         accepts it."""
         reasons = []
         body = json.dumps(ops).encode()
@@ -288,7 +289,12 @@ class GlanceImageSource(ImageSource):
                 reasons.append('%s: %s' % (server, _describe(exc)))
                 continue
             if resp.status < 300:
-                return
+                try:
+                    return image_meta.ImageMeta.from_glance(json.loads(text))
+                except ValueError as exc:
+                    raise errors.SourceUnavailable(
+                        source='Glance at %s' % server,
+                        reason='malformed answer to %s: %s' % (what, exc))
             reason = 'HTTP %d: %s' % (resp.status, _glance_message(text))
             if resp.status < 500:
                 raise errors.SourceUnavailable(
@@ -300,8 +306,8 @@ class GlanceImageSource(ImageSource):
 
     def add_location(self, image_id, url):
         """Add ``url`` to the image's locations (at the end: the image's
-        own data stays its first location)."""
-        self._patch(image_id, [{'op': 'add', 'path': '/locations/-',
+        own data stays its first location); the image as it is now."""
+        return self._patch(image_id, [{'op': 'add', 'path': '/locations/-',
                                 'value': {'url': url, 'metadata': {}}}],
                     'adding location %s to image %s' % (url, image_id))
 
@@ -309,7 +315,9 @@ class GlanceImageSource(ImageSource):
         """Remove every location of the image that names the same volume
         as ``url`` (Glance may have rewritten ``cinder://<id>`` as
         ``cinder://<store>/<id>``). Glance deletes a removed location's
-        data through its store: remove only a volume already deleted."""
+        data through its store: remove only a volume already deleted.
+        ``(updated_at before, the image as it is now)``, or None when the
+        image had no such location."""
         volume_id = url.rstrip('/').split('/')[-1]
         resp = self._request(image_id)
         try:
@@ -317,13 +325,15 @@ class GlanceImageSource(ImageSource):
         finally:
             resp.close()
         urls = [loc.get('url') for loc in record.get('locations') or []]
+        now = None
         for index in reversed(range(len(urls))):
             if (urls[index] or '').startswith('cinder://') and \
                     urls[index].rstrip('/').split('/')[-1] == volume_id:
-                self._patch(image_id, [{'op': 'remove',
-                                        'path': '/locations/%d' % index}],
-                            'removing location %s from image %s' % (
-                                urls[index], image_id))
+                now = self._patch(image_id, [{
+                    'op': 'remove', 'path': '/locations/%d' % index}],
+                    'removing location %s from image %s' % (urls[index],
+                                                             image_id))
+        return (record.get('updated_at'), now) if now else None
 
 
 def _glance_message(text):
