@@ -350,14 +350,38 @@ class RealCinder:
         self.ceph('osd', 'pool', 'application', 'enable', 'volumes', 'rbd')
         self.rbd('pool', 'init', 'volumes', timeout=120)
 
-        def ready():
-            df = json.loads(self.ceph('df', '--format', 'json'))
-            pgs = json.loads(self.ceph('pg', 'stat', '--format', 'json'))
-            states = pgs.get('pg_summary', pgs).get('num_pg_by_state', [])
-            return any(p['name'] == 'volumes' for p in df['pools']) and \
-                all(s['name'] == 'active+clean' for s in states)
-        _wait('ceph (pool in ceph df, PGs active+clean)', ready, 120,
-              os.path.join(d, 'log', 'ceph-mgr.x.log'), proc)
+        _wait('ceph (pool in ceph df, PGs active+clean)', self._ceph_ready,
+              120, os.path.join(d, 'log', 'ceph-mgr.x.log'), proc)
+
+    def stop_ceph(self):
+        """Ceph stops answering: the monitor is killed (SIGKILL: its store
+        is on disk) and the OSD frozen (SIGSTOP). A memstore OSD keeps its
+        data only in memory, so a killed one would come back empty (every
+        volume of the shared stack lost); frozen, it is as dead to its
+        clients (no answer, no connection reset) and comes back whole."""
+        mon = self.procs.pop('ceph-mon')
+        os.killpg(mon.pid, signal.SIGKILL)
+        mon.wait(timeout=30)
+        os.killpg(self.procs['ceph-osd'].pid, signal.SIGSTOP)
+
+    def start_ceph(self, timeout=120):
+        """Undo ``stop_ceph``: the monitor restarted, the OSD thawed; wait
+        until the pool's PGs are active+clean again."""
+        os.killpg(self.procs['ceph-osd'].pid, signal.SIGCONT)
+        if 'ceph-mon' not in self.procs:
+            proc, log = self._spawn('ceph-mon', [
+                'ceph-mon', '-c', self.ceph_conf, '-f', '-i', 'a'])
+        _wait('ceph back (PGs active+clean)', self._ceph_ready, timeout,
+              os.path.join(self.ceph_dir, 'log', 'ceph-mon.a.log'),
+              self.procs['ceph-mon'])
+
+    def _ceph_ready(self):
+        df = json.loads(self.ceph('df', '--format', 'json', timeout=15))
+        pgs = json.loads(self.ceph('pg', 'stat', '--format', 'json',
+                                   timeout=15))
+        states = pgs.get('pg_summary', pgs).get('num_pg_by_state', [])
+        return any(p['name'] == 'volumes' for p in df['pools']) and \
+            all(s['name'] == 'active+clean' for s in states)
 
     # -- rabbitmq -------------------------------------------------------------
     def _rabbit_env(self):

@@ -453,3 +453,78 @@ def test_cinder_create_from_image_clones_the_recorded_template(
         image_id)['locations']) if u.startswith('cinder://')]
     assert hv1.cli_json('status')['image_volume_cache']['events'][
         'location_removed'] == 1
+
+
+def loop_devices_under(root):
+    """Loop devices whose backing file is under ``root``."""
+    out = subprocess.run(['losetup', '-l', '-n', '-O', 'NAME,BACK-FILE'],
+                         capture_output=True, text=True).stdout
+    return [line.split()[0] for line in out.splitlines()
+            if len(line.split()) > 1 and
+            line.split(None, 1)[1].strip().startswith(str(root))]
+
+
+def processes_naming(text):
+    """PIDs of live processes whose command line names ``text``."""
+    found = []
+    for pid in os.listdir('/proc'):
+        with contextlib.suppress(OSError):
+            if pid.isdigit():
+                with open('/proc/%s/cmdline' % pid, 'rb') as f:
+                    if text.encode() in f.read():
+                        found.append(int(pid))
+    return found
+
+
+def test_ceph_stopped_while_a_template_is_written(
+        hosts, real_glance, real_cinder, tmp_path):
+    hv1 = hosts[0]
+    timeout = 30
+    hv1.configure(cinder={'operation_timeout': timeout, 'timeout': timeout})
+    image_path = make_raw(str(tmp_path / 'ceph.raw'), data_mib=320,
+                          total_mib=384, seed=13)
+    image_id = real_glance.create_image('ceph-stops', image_path,
+                                        visibility='public')['id']
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        fetch = pool.submit(hv1.cli, 'fetch', image_id, check=False)
+        deadline = time.monotonic() + 300
+        while True:     # until the template's RBD image takes bytes
+            assert time.monotonic() < deadline and not fetch.done(), \
+                fetch.result().stderr if fetch.done() else 'no write'
+            template = agent_volumes(real_cinder, 'template', image_id)
+            if template and real_cinder.rbd_images().get(
+                    'volume-%s' % template[0]['id'], 0) > 0:
+                break
+            time.sleep(0.1)
+        real_cinder.stop_ceph()
+        stopped = time.monotonic()
+        try:
+            proc = fetch.result(timeout=1200)
+            took = time.monotonic() - stopped
+            left = {'exports': exports(tmp_path),
+                    'loops': loop_devices_under(tmp_path),
+                    'qemu': processes_naming('volume-%s'
+                                             % template[0]['id'])}
+        finally:
+            real_cinder.start_ceph()
+    print('fetch ended %.0f s after Ceph stopped; stderr:\n%s'
+          % (took, proc.stderr))
+    # the downloading handler served, verified; nothing partial linked
+    assert proc.returncode == 0, proc.stderr
+    base = last_line(proc)
+    assert os.path.isfile(base) and not os.path.islink(base)
+    assert same_content(base, image_path)
+    assert 'volume_linking' in proc.stderr
+    # bounded by the configured timeouts, not by Ceph's return
+    assert took < 8 * timeout, took
+    assert left == {'exports': {}, 'loops': [], 'qemu': []}, left
+    # what Ceph could not do is cleaned once it is back
+    hv1.cli('reclaim')
+    deadline = time.monotonic() + 120
+    while [v for v in agent_volumes(real_cinder, 'template', image_id)
+           if v['agent'].get('status') == 'creating']:
+        assert time.monotonic() < deadline
+        hv1.cli('reclaim')
+        time.sleep(2)
+    assert [v['id'] for v in real_cinder.volumes() if v['attachments']] \
+        == []
