@@ -481,8 +481,8 @@ def test_ceph_stopped_while_a_template_is_written(
     hv1 = hosts[0]
     timeout = 30
     hv1.configure(cinder={'operation_timeout': timeout, 'timeout': timeout})
-    image_path = make_raw(str(tmp_path / 'ceph.raw'), data_mib=320,
-                          total_mib=384, seed=13)
+    image_path = make_raw(str(tmp_path / 'ceph.raw'), data_mib=255,
+                          total_mib=320, seed=13)
     image_id = real_glance.create_image('ceph-stops', image_path,
                                         visibility='public')['id']
     with concurrent.futures.ThreadPoolExecutor(1) as pool:

@@ -259,20 +259,23 @@ class ImageVolumeCache:
 
     def _populate(self, image, source, progress, volume_id=None):
         """Create the template volume (or take ``volume_id``, claimed
-        already) and write the image into it once."""
+        already: then the caller deletes it on failure) and write the
+        image into it once."""
+        created = None
         tmp_dir = os.path.join(self.state_dir, 'tmp')
         os.makedirs(tmp_dir, exist_ok=True)
         part = os.path.join(tmp_dir, '%s.%d.part' % (hashlib.sha1(
             image.id.encode()).hexdigest(), os.getpid()))
         try:
             def write_template(fmt, virtual_size):
-                nonlocal volume_id
+                nonlocal volume_id, created
                 if volume_id is None:
                     self.enforce_limits(reserve_bytes=virtual_size,
                                         reserve_count=1,
                                         locked_image=image.id)
-                    volume_id = self.backend.create(virtual_size, {
-                        'kind': 'template', 'image_id': image.id})
+                    volume_id = created = self.backend.create(
+                        virtual_size, {'kind': 'template',
+                                       'image_id': image.id})
                 else:
                     self.backend.extend(volume_id, virtual_size)
                     self.backend.update_metadata(volume_id,
@@ -289,8 +292,8 @@ class ImageVolumeCache:
             finally:
                 os.close(part_fd)
         except BaseException:
-            if volume_id:
-                self.backend.delete(volume_id)
+            if created:
+                self._delete_failed(created)
             raise
         finally:
             files.unlink_quietly(part)
@@ -301,6 +304,16 @@ class ImageVolumeCache:
                           last_used=now, disk_format=image.disk_format)
 
     # -- a backend shared by several hosts -----------------------------------
+    def _delete_failed(self, volume_id):
+        """Delete the template a failed write leaves; if the volume side
+        cannot (what failed the write may fail this too), leave it to
+        ``reclaim`` and keep the write's own error for the caller."""
+        try:
+            self.backend.delete(volume_id)
+        except errors.AgentError as exc:
+            LOG.warning('template volume %s of a failed write is left for '
+                        'reclaim: %s', volume_id, exc)
+
     def _templates(self, image):
         """Template volumes of ``image`` any host made for this version of
         it (not retired), oldest claim first: the first is the one every
@@ -358,8 +371,7 @@ class ImageVolumeCache:
                             self._publish(image, entry)
                             return entry, 'miss'
                 except BaseException:
-                    with contextlib.suppress(errors.AgentError):
-                        self.backend.delete(claim)
+                    self._delete_failed(claim)
                     raise
                 self.backend.delete(claim)
             LOG.info('image %s: waiting for template %s, claimed by host '
