@@ -514,7 +514,9 @@ def test_ceph_stopped_while_a_template_is_written(
     base = last_line(proc)
     assert os.path.isfile(base) and not os.path.islink(base)
     assert same_content(base, image_path)
-    assert 'volume_linking' in proc.stderr
+    # what failed, where, and what to do
+    assert 'handler volume_linking failed' in proc.stderr
+    assert 'Check that Ceph (monitors and OSDs) answers' in proc.stderr
     # bounded by the configured timeouts, not by Ceph's return
     assert took < 8 * timeout, took
     assert left == {'exports': {}, 'loops': [], 'qemu': []}, left

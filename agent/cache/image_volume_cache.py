@@ -115,8 +115,9 @@ class ImageVolumeCache:
         return None
 
     def counters(self):
-        return {k: self.db.get('count:' + k, 0)
-                for k in ('hit', 'miss', 'evict') + LOCATION_EVENTS}
+        kinds = ('hit', 'miss', 'evict') + (
+            LOCATION_EVENTS if self._locations_on() else ())
+        return {k: self.db.get('count:' + k, 0) for k in kinds}
 
     def _event(self, kind, entry, **extra):
         self.db.incr('count:' + kind)
@@ -395,12 +396,16 @@ class ImageVolumeCache:
                         first.id, self.backend.template_wait_timeout))
 
     # -- Glance locations ([cinder] glance_locations) -------------------------
+    def _locations_on(self):
+        """Whether templates are recorded in Glance: the option on, Glance
+        the image source, and Cinder the backend (it alone clones)."""
+        return self.backend.name == 'cinder' and \
+            self.conf.cinder.glance_locations and \
+            self.conf.image_source.driver == 'glance'
+
     def _glance(self):
-        """The Glance to record templates on, or None (option off, another
-        image source, or a backend whose volumes Cinder cannot clone)."""
-        if not (self.backend.name == 'cinder' and
-                self.conf.cinder.glance_locations and
-                self.conf.image_source.driver == 'glance'):
+        """The Glance to record templates on, or None."""
+        if not self._locations_on():
             return None
         from agent.images.glance import GlanceImageSource
         return GlanceImageSource(self.conf)

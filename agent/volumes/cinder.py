@@ -416,7 +416,8 @@ class CinderVolumeBackend(VolumeBackend):
                 raise errors.VolumeWriteFailed(
                     volume_id=volume_id,
                     rbd_image=record['connection_info'].get('name'),
-                    reason=exc.kwargs.get('reason'))
+                    # qemu-img says it once per request in flight
+                    reason=exc.kwargs['reason'].strip().splitlines()[-1])
         finally:
             with self._lock(volume_id):
                 self._teardown(self._load(key))
