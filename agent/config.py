@@ -487,6 +487,23 @@ misses for the same image on several hosts make one template: the others
 wait for it). After that, this host's handler gives up and the next
 handler (e.g. ``downloading``) serves.
 """),
+    cfg.BoolOpt(
+        'glance_locations',
+        default=False,
+        help="""
+Record each template volume, once written and verified against the
+image's hash, on its Glance image as a ``cinder://<volume-id>`` location
+(and the image's owner as the volume's ``image_owner`` metadata), and
+remove that location when the template is deleted. Cinder configured with
+``allowed_direct_url_schemes = cinder`` then makes a volume from a raw,
+bare image as a clone of the template (on RBD a copy-on-write clone)
+instead of downloading the image a second time into its own
+image-volume cache. Off by default: it needs a Glance with
+``show_multiple_locations = True`` and its ``cinder`` store enabled, and
+an ``[glance] auth_token`` that may change the locations of other
+projects' images (admin). A location Glance refuses is logged and
+counted (``location_failed``); the fetch goes on as without this option.
+"""),
 ]
 
 IMAGE_VOLUME_CACHE_OPTS = [

@@ -189,6 +189,13 @@ class VolumeServiceFailed(BackendUnavailable):
                "left half made.")
 
 
+class VolumeWriteFailed(BackendUnavailable):
+    message = ("Writing the image into volume %(volume_id)s (Ceph RBD "
+               "image %(rbd_image)s) failed: %(reason)s. Check that Ceph "
+               "(monitors and OSDs) answers this host; the volume is deleted "
+               "(or left to reclaim while Cinder cannot delete it).")
+
+
 class CacheEntryHeld(AgentError):
     message = ("Image-volume cache entry of image %(image_id)s is held by "
                "%(holders)s; it is not evicted.")

@@ -16,7 +16,9 @@ DEFINITIONS = {
     'template_agent_download_seconds_total':
         ('counter', 'Seconds spent receiving image bytes.'),
     'template_agent_image_volume_cache_events_total':
-        ('counter', 'Image-volume cache hits, misses and evictions.'),
+        ('counter', 'Image-volume cache hits, misses and evictions (and, with '
+                    '[cinder] glance_locations, Glance locations added, '
+                    'removed or refused).'),
     'template_agent_links_restored_total':
         ('counter', 'Linked base images restored by init.'),
     'template_agent_manager_passes_total':

@@ -9,8 +9,10 @@
 #
 # The versions are pinned, with every dependency (constraints/glance.txt),
 # to a set checked to work together (sqlite db_sync, file store, no-auth API, image upload/download,
-# glance image-download): Glance 33.0.0, gunicorn 27.0.1,
-# python-glanceclient 4.13.0.
+# glance image-download, glance_store's cinder store for cinder://
+# locations): Glance 33.0.0, gunicorn 27.0.1, python-glanceclient 4.13.0,
+# python-cinderclient 9.10.0 and os-brick 7.1.1 (the cinder store imports
+# both, or stays disabled).
 set -euo pipefail
 
 GLANCE_VENV=${GLANCE_VENV:-/opt/template-agent/glance-venv}
@@ -18,7 +20,10 @@ GLANCE_PYTHON=${GLANCE_PYTHON:-/usr/bin/python3}
 GLANCE_VERSION=33.0.0
 GUNICORN_VERSION=27.0.1
 GLANCECLIENT_VERSION=4.13.0
-STAMP="$GLANCE_VENV/.template-agent-glance-$GLANCE_VERSION-gunicorn-$GUNICORN_VERSION-glanceclient-$GLANCECLIENT_VERSION"
+CINDERCLIENT_VERSION=9.10.0
+OS_BRICK_VERSION=7.1.1
+STAMP="$GLANCE_VENV/.template-agent-glance-$GLANCE_VERSION-gunicorn-$GUNICORN_VERSION-glanceclient-$GLANCECLIENT_VERSION-cinderstore-$CINDERCLIENT_VERSION-$OS_BRICK_VERSION"
+IMPORTS='import glance.common.wsgi_app, glance_store, glanceclient, cinderclient, os_brick'
 
 check() {
     [ -f "$STAMP" ] &&
@@ -26,7 +31,7 @@ check() {
         [ -x "$GLANCE_VENV/bin/glance-manage" ] &&
         [ -x "$GLANCE_VENV/bin/glance" ] &&
         [ -f "$GLANCE_VENV/etc/glance/glance-api-paste.ini" ] &&
-        "$GLANCE_VENV/bin/python" -c 'import glance.common.wsgi_app, glance_store, glanceclient' 2>/dev/null
+        "$GLANCE_VENV/bin/python" -c "$IMPORTS" 2>/dev/null
 }
 
 if check; then
@@ -41,12 +46,13 @@ apt_install_missing install-glance python3 python3-venv python3-dev gcc \
 rm -f "$GLANCE_VENV"/.template-agent-glance-*
 venv_pip_install install-glance "$GLANCE_VENV" "$GLANCE_PYTHON" \
     "$(dirname "$0")/constraints/glance.txt" "glance==$GLANCE_VERSION" \
-    "gunicorn==$GUNICORN_VERSION" "python-glanceclient==$GLANCECLIENT_VERSION"
+    "gunicorn==$GUNICORN_VERSION" "python-glanceclient==$GLANCECLIENT_VERSION" \
+    "python-cinderclient==$CINDERCLIENT_VERSION" "os-brick==$OS_BRICK_VERSION"
 touch "$STAMP"
 if ! check; then
     echo "install-glance: installed, but Glance does not import or a" \
         "command is missing in $GLANCE_VENV" >&2
-    "$GLANCE_VENV/bin/python" -c 'import glance.common.wsgi_app, glance_store, glanceclient' || true
+    "$GLANCE_VENV/bin/python" -c "$IMPORTS" || true
     exit 1
 fi
 echo "install-glance: ready ($GLANCE_VENV)"

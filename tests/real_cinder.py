@@ -142,6 +142,7 @@ default_volume_type = {volume_type}
 cinder_internal_tenant_project_id = {internal_project}
 cinder_internal_tenant_user_id = {internal_user}
 glance_api_servers = {glance_url}
+allowed_direct_url_schemes = cinder
 report_interval = 2
 periodic_interval = 5
 service_down_time = 20
@@ -349,14 +350,38 @@ class RealCinder:
         self.ceph('osd', 'pool', 'application', 'enable', 'volumes', 'rbd')
         self.rbd('pool', 'init', 'volumes', timeout=120)
 
-        def ready():
-            df = json.loads(self.ceph('df', '--format', 'json'))
-            pgs = json.loads(self.ceph('pg', 'stat', '--format', 'json'))
-            states = pgs.get('pg_summary', pgs).get('num_pg_by_state', [])
-            return any(p['name'] == 'volumes' for p in df['pools']) and \
-                all(s['name'] == 'active+clean' for s in states)
-        _wait('ceph (pool in ceph df, PGs active+clean)', ready, 120,
-              os.path.join(d, 'log', 'ceph-mgr.x.log'), proc)
+        _wait('ceph (pool in ceph df, PGs active+clean)', self._ceph_ready,
+              120, os.path.join(d, 'log', 'ceph-mgr.x.log'), proc)
+
+    def stop_ceph(self):
+        """Ceph stops answering: the monitor is killed (SIGKILL: its store
+        is on disk) and the OSD frozen (SIGSTOP). A memstore OSD keeps its
+        data only in memory, so a killed one would come back empty (every
+        volume of the shared stack lost); frozen, it is as dead to its
+        clients (no answer, no connection reset) and comes back whole."""
+        mon = self.procs.pop('ceph-mon')
+        os.killpg(mon.pid, signal.SIGKILL)
+        mon.wait(timeout=30)
+        os.killpg(self.procs['ceph-osd'].pid, signal.SIGSTOP)
+
+    def start_ceph(self, timeout=120):
+        """Undo ``stop_ceph``: the monitor restarted, the OSD thawed; wait
+        until the pool's PGs are active+clean again."""
+        os.killpg(self.procs['ceph-osd'].pid, signal.SIGCONT)
+        if 'ceph-mon' not in self.procs:
+            proc, log = self._spawn('ceph-mon', [
+                'ceph-mon', '-c', self.ceph_conf, '-f', '-i', 'a'])
+        _wait('ceph back (PGs active+clean)', self._ceph_ready, timeout,
+              os.path.join(self.ceph_dir, 'log', 'ceph-mon.a.log'),
+              self.procs['ceph-mon'])
+
+    def _ceph_ready(self):
+        df = json.loads(self.ceph('df', '--format', 'json', timeout=15))
+        pgs = json.loads(self.ceph('pg', 'stat', '--format', 'json',
+                                   timeout=15))
+        states = pgs.get('pg_summary', pgs).get('num_pg_by_state', [])
+        return any(p['name'] == 'volumes' for p in df['pools']) and \
+            all(s['name'] == 'active+clean' for s in states)
 
     # -- rabbitmq -------------------------------------------------------------
     def _rabbit_env(self):
@@ -570,11 +595,15 @@ class RealCinder:
 
     # -- asking it ------------------------------------------------------------
     def request(self, method, path, body=None, base=None, ok=(200, 201,
-                                                              202, 204)):
-        url = (base or self.endpoint) + path
+                                                              202, 204),
+                project=None):
+        """A request as an admin of ``project`` (the agents' project when
+        None)."""
+        project = project or self.project_id
+        url = (base or '%s/v3/%s' % (self.url, project)) + path
         data = json.dumps(body).encode() if body is not None else None
         req = urllib.request.Request(url, method=method, data=data, headers={
-            'X-Auth-Token': 'admin:%s' % self.project_id,
+            'X-Auth-Token': 'admin:%s' % project,
             'Content-Type': 'application/json',
             'Accept': 'application/json',
             'OpenStack-API-Version': API_VERSION})
@@ -598,6 +627,7 @@ class RealCinder:
         while time.monotonic() < deadline:
             vol = self.request('GET', '/volumes/%s' % volume_id,
                                ok=(200, 404))
+            vol = vol if vol and 'volume' in vol else None  # 404: gone
             if not vol and 'deleted' in statuses:
                 return None
             if vol and vol['volume']['status'] in statuses:
@@ -669,6 +699,15 @@ if pytest is not None:
                                       glance_url=real_glance.url)
         except CinderStackError as exc:
             reason = str(exc)
+        if not reason:
+            try:
+                # Glance's cinder store: cinder:// locations (templates
+                # recorded by [cinder] glance_locations) for Cinder to clone
+                real_glance.enable_cinder_store(
+                    stack.url + '/v3/%(project_id)s')
+            except Exception as exc:  # noqa: BLE001 - reported below
+                stack.stop()
+                reason = 'Glance with its cinder store: %s' % exc
         if reason:
             pytest.fail('real Cinder on Ceph cannot be installed or '
                         'started: %s' % reason, pytrace=False)

@@ -68,6 +68,55 @@ POLICY = """\
 """
 
 
+# With the cinder store (``RealGlance.enable_cinder_store``): Glance
+# accepts ``cinder://<volume-id>`` locations (glance_store's cinder driver
+# asks Cinder for the volume) and shows them, as Cinder's create-from-image
+# needs to clone an image volume. No cinder_volume_type: glance_store 5.7
+# then asks Cinder for its types at start without a context and fails; a
+# volume of Cinder's default type is the store's.
+CINDER_STORE_BACKENDS = """\
+enabled_backends = fs:file, cinder:cinder
+show_multiple_locations = true
+show_image_direct_url = true
+"""
+CINDER_STORE_CONF = """\
+[cinder]
+cinder_catalog_info = volumev3::publicURL
+cinder_state_transition_timeout = 60
+"""
+
+# Stands in for keystonemiddleware's auth_token (there is no Keystone
+# here): a token ``<user>:<project>`` (Cinder's noauth convention) makes an
+# authenticated admin of <project> whose service catalog names the test
+# Cinder, which glance_store's cinder driver needs to check a cinder://
+# location; a request without a token gets Glance's no-auth context, as
+# before.
+TOKEN_CONTEXT = """\
+import json
+
+from glance.api.middleware import context
+
+CINDER_URL = {cinder_url!r}
+
+
+class TokenContextMiddleware(context.ContextMiddleware):
+    def process_request(self, req):
+        user, sep, project = (req.headers.get('X-Auth-Token') or
+                              '').partition(':')
+        if not sep:
+            return context.UnauthenticatedContextMiddleware.process_request(
+                self, req)
+        req.headers['X-Identity-Status'] = 'Confirmed'
+        req.headers['X-User-Id'] = user
+        req.headers['X-Project-Id'] = project
+        req.headers['X-Roles'] = 'admin,member,reader'
+        req.headers['X-Service-Catalog'] = json.dumps([{{
+            'type': 'volumev3', 'name': 'cinderv3', 'endpoints': [{{
+                'publicURL': CINDER_URL % {{'project_id': project}}}}]}}])
+        return super().process_request(req)
+"""
+
+
 class GlanceError(Exception):
     """Glance could not be installed, started or asked; with its log."""
 
@@ -164,9 +213,37 @@ class RealGlance:
                                  _tail(proc.stdout + proc.stderr, 30)))
         self._configured = True
 
+    def enable_cinder_store(self, cinder_url):
+        """Restart with glance_store's cinder store and locations shown
+        (``CINDER_STORE_CONF``) and the token stand-in (``TOKEN_CONTEXT``)
+        whose catalog names ``cinder_url`` (``%(project_id)s`` in it is the
+        token's project). Same port, same images."""
+        self.configure()
+        self.stop()
+        with open(os.path.join(self.workdir, 'token_context.py'), 'w') as f:
+            f.write(TOKEN_CONTEXT.format(cinder_url=cinder_url))
+        paste = os.path.join(self.workdir, 'glance-api-paste.ini')
+        with open(paste) as f:
+            text = f.read()
+        text = text.replace(' unauthenticated-context ', ' token-context ')
+        text += ('\n[filter:token-context]\npaste.filter_factory = '
+                 'token_context:TokenContextMiddleware.factory\n')
+        with open(paste, 'w') as f:
+            f.write(text)
+        with open(self.conf_path) as f:
+            text = f.read()
+        text = text.replace('enabled_backends = fs:file\n',
+                            CINDER_STORE_BACKENDS)
+        with open(self.conf_path, 'w') as f:
+            f.write(text + CINDER_STORE_CONF)
+        self.cinder_store = True
+        self.start()
+
     def _env(self):
         env = {k: v for k, v in os.environ.items()
                if not k.startswith(('OS_', 'PYTHON'))}
+        if getattr(self, 'cinder_store', False):
+            env['PYTHONPATH'] = self.workdir   # token_context.py
         env['OS_GLANCE_CONFIG_DIR'] = self.workdir
         env['PATH'] = os.path.join(self.venv, 'bin') + os.pathsep + \
             env.get('PATH', '/usr/bin:/bin')

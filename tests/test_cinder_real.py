@@ -346,3 +346,187 @@ def test_cinder_stopped_while_a_template_is_written(
             if v['agent'].get('status') == 'creating'] == []
     assert [v['id'] for v in real_cinder.volumes() if v['attachments']] \
         == []
+
+
+def pool_usage(cinder):
+    """``(images, used bytes)`` of the pool: every RBD image and
+    snapshot, and ``rbd du``'s total."""
+    images = cinder.rbd_images()
+    return images, sum(images.values())
+
+
+def test_cinder_create_from_image_clones_the_recorded_template(
+        hosts, real_glance, real_cinder, tmp_path):
+    hv1, hv2, hv3 = hosts
+    locations_on = {'cinder': {'glance_locations': True},
+                    'glance': {'auth_token': 'template-agent:%s'
+                               % real_cinder.project_id}}
+    hv1.configure(**locations_on)
+    hv2.configure(**locations_on)
+    # the image belongs to a project that is not the agents'
+    user_project = uuid.uuid4().hex
+    image_path = make_raw(str(tmp_path / 'clone.raw'), data_mib=48,
+                          total_mib=64, seed=11)
+    image = real_glance.create_image('clone-me', image_path,
+                                     visibility='public', owner=user_project)
+    image_id = image['id']
+
+    base = last_line(hv1.cli('fetch', image_id))
+    assert same_content(base, image_path)
+    template, = agent_volumes(real_cinder, 'template', image_id)
+    # recorded on the image once written and verified, for Cinder to clone
+    locations = [loc['url'] for loc in real_glance.get(image_id)[
+        'locations']]
+    assert [u for u in locations if u.startswith('cinder://')
+            and u.endswith('/' + template['id'])] or \
+        'cinder://%s' % template['id'] in locations, locations
+    assert real_cinder.request('GET', '/volumes/%s' % template['id'])[
+        'volume']['metadata']['image_owner'] == user_project
+    events = hv1.cli_json('status')['image_volume_cache']['events']
+    assert events['location_added'] == 1, events
+    # another host that sees the location still holds it as a template
+    base2 = last_line(hv2.cli('fetch', image_id))
+    assert os.path.realpath(base2).startswith('/dev/loop')
+    row, = [r for r in hv2.cli_json('cache', 'list')
+            if r['image_id'] == image_id]
+    assert row['volume_id'] == template['id']
+
+    # Cinder's own create-from-image, by the image's owner
+    images_before, used_before = pool_usage(real_cinder)
+    volumes_before = {v['id'] for v in real_cinder.volumes()}
+    volume_id = real_cinder.request('POST', '/volumes', {'volume': {
+        'size': 1, 'imageRef': image_id, 'name': 'from-image'}},
+        project=user_project)['volume']['id']
+    real_cinder.wait_volume(volume_id, timeout=300)
+    images_after, used_after = pool_usage(real_cinder)
+    print('pool before: %d images, %d bytes used: %s' % (
+        len(images_before), used_before, images_before))
+    print('pool after:  %d images, %d bytes used: %s' % (
+        len(images_after), used_after, images_after))
+    # no second copy: one new volume (no image-<id> cache volume of
+    # Cinder's), a clone of the template's RBD image holding none of it
+    assert {v['id'] for v in real_cinder.volumes()} - volumes_before == \
+        {volume_id}
+    new = set(images_after) - set(images_before)
+    assert {n for n in new if '@' not in n} == {'volume-%s' % volume_id}
+    # and the snapshot it is cloned from, on the template
+    assert {n.split('@')[0] for n in new if '@' in n} <= {
+        'volume-%s' % template['id']}, new
+    info = json.loads(real_cinder.rbd('info', '--format', 'json',
+                                      'volumes/volume-%s' % volume_id))
+    assert info['parent']['image'] == 'volume-%s' % template['id'], info
+    assert images_after['volume-%s' % volume_id] < MiB
+    assert used_after - used_before < 4 * MiB     # the image holds 48 MiB
+    # and it holds the image
+    exported = str(tmp_path / 'exported.raw')
+    real_cinder.rbd('export', 'volumes/volume-%s' % volume_id, exported,
+                    timeout=120)
+    size = os.path.getsize(image_path)
+    with open(exported, 'rb') as got, open(image_path, 'rb') as want:
+        assert got.read(size) == want.read()
+        assert got.read().count(0) == os.path.getsize(exported) - size
+
+    # a Glance that refuses the location (no token: Glance cannot ask
+    # Cinder about the volume): the fetch works as without the option
+    hv3.configure(cinder={'glance_locations': True})
+    other = real_glance.create_image('refused', image_path,
+                                     visibility='public',
+                                     owner=user_project)['id']
+    proc = hv3.cli('fetch', other)
+    assert same_content(last_line(proc), image_path)
+    assert 'not recorded in Glance' in proc.stderr
+    events = hv3.cli_json('status')['image_volume_cache']['events']
+    assert events['location_failed'] == 1 and \
+        events['location_added'] == 0, events
+    assert not [u for u in (loc['url'] for loc in real_glance.get(other)[
+        'locations']) if u.startswith('cinder://')]
+
+    # the template deleted: its location goes with it
+    real_cinder.request('DELETE', '/volumes/%s' % volume_id,
+                        project=user_project)
+    real_cinder.wait_volume(volume_id, ('deleted',), timeout=120)
+    hv1.cli('remove', image_id)
+    hv2.cli('remove', image_id)
+    hv1.cli('cache', 'evict', image_id)
+    assert agent_volumes(real_cinder, 'template', image_id) == []
+    assert not [u for u in (loc['url'] for loc in real_glance.get(
+        image_id)['locations']) if u.startswith('cinder://')]
+    assert hv1.cli_json('status')['image_volume_cache']['events'][
+        'location_removed'] == 1
+
+
+def loop_devices_under(root):
+    """Loop devices whose backing file is under ``root``."""
+    out = subprocess.run(['losetup', '-l', '-n', '-O', 'NAME,BACK-FILE'],
+                         capture_output=True, text=True).stdout
+    return [line.split()[0] for line in out.splitlines()
+            if len(line.split()) > 1 and
+            line.split(None, 1)[1].strip().startswith(str(root))]
+
+
+def processes_naming(text):
+    """PIDs of live processes whose command line names ``text``."""
+    found = []
+    for pid in os.listdir('/proc'):
+        with contextlib.suppress(OSError):
+            if pid.isdigit():
+                with open('/proc/%s/cmdline' % pid, 'rb') as f:
+                    if text.encode() in f.read():
+                        found.append(int(pid))
+    return found
+
+
+def test_ceph_stopped_while_a_template_is_written(
+        hosts, real_glance, real_cinder, tmp_path):
+    hv1 = hosts[0]
+    timeout = 30
+    hv1.configure(cinder={'operation_timeout': timeout, 'timeout': timeout})
+    image_path = make_raw(str(tmp_path / 'ceph.raw'), data_mib=255,
+                          total_mib=320, seed=13)
+    image_id = real_glance.create_image('ceph-stops', image_path,
+                                        visibility='public')['id']
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        fetch = pool.submit(hv1.cli, 'fetch', image_id, check=False)
+        deadline = time.monotonic() + 300
+        while True:     # until the template's RBD image takes bytes
+            assert time.monotonic() < deadline and not fetch.done(), \
+                fetch.result().stderr if fetch.done() else 'no write'
+            template = agent_volumes(real_cinder, 'template', image_id)
+            if template and real_cinder.rbd_images().get(
+                    'volume-%s' % template[0]['id'], 0) > 0:
+                break
+            time.sleep(0.1)
+        real_cinder.stop_ceph()
+        stopped = time.monotonic()
+        try:
+            proc = fetch.result(timeout=1200)
+            took = time.monotonic() - stopped
+            left = {'exports': exports(tmp_path),
+                    'loops': loop_devices_under(tmp_path),
+                    'qemu': processes_naming('volume-%s'
+                                             % template[0]['id'])}
+        finally:
+            real_cinder.start_ceph()
+    print('fetch ended %.0f s after Ceph stopped; stderr:\n%s'
+          % (took, proc.stderr))
+    # the downloading handler served, verified; nothing partial linked
+    assert proc.returncode == 0, proc.stderr
+    base = last_line(proc)
+    assert os.path.isfile(base) and not os.path.islink(base)
+    assert same_content(base, image_path)
+    # what failed, where, and what to do
+    assert 'handler volume_linking failed' in proc.stderr
+    assert 'Check that Ceph (monitors and OSDs) answers' in proc.stderr
+    # bounded by the configured timeouts, not by Ceph's return
+    assert took < 8 * timeout, took
+    assert left == {'exports': {}, 'loops': [], 'qemu': []}, left
+    # what Ceph could not do is cleaned once it is back
+    hv1.cli('reclaim')
+    deadline = time.monotonic() + 120
+    while [v for v in agent_volumes(real_cinder, 'template', image_id)
+           if v['agent'].get('status') == 'creating']:
+        assert time.monotonic() < deadline
+        hv1.cli('reclaim')
+        time.sleep(2)
+    assert [v['id'] for v in real_cinder.volumes() if v['attachments']] \
+        == []

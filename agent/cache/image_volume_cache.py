@@ -34,10 +34,13 @@ from oslo_utils import timeutils
 
 from agent import errors, files
 from agent.images import download
+from agent.images.sources import TransientSourceError
 
 LOG = logging.getLogger(__name__)
 EVENTS = logging.getLogger('agent.events')
 GiB = 1024 ** 3
+#: ``[cinder] glance_locations``: a template recorded on its image, or not
+LOCATION_EVENTS = ('location_added', 'location_failed', 'location_removed')
 ENCRYPTION_PROPERTIES = ('cinder_encryption_key_id', 'img_encrypted',
                          'os_encrypt_key_id')
 
@@ -112,8 +115,9 @@ class ImageVolumeCache:
         return None
 
     def counters(self):
-        return {k: self.db.get('count:' + k, 0)
-                for k in ('hit', 'miss', 'evict')}
+        kinds = ('hit', 'miss', 'evict') + (
+            LOCATION_EVENTS if self._locations_on() else ())
+        return {k: self.db.get('count:' + k, 0) for k in kinds}
 
     def _event(self, kind, entry, **extra):
         self.db.incr('count:' + kind)
@@ -148,7 +152,8 @@ class ImageVolumeCache:
                                             image_id=image.id, reason=why)
         with self.lock(image.id):
             entry = self.fresh_entry(image.id)
-            if entry and _newer(image.updated_at, entry.image_updated_at):
+            if entry and _newer(image.updated_at, entry.image_updated_at) \
+                    and not self._still_fresh(entry, image):
                 self._retire(entry, 'image updated at %s' % image.updated_at)
                 entry = None
             if entry is None and self.backend.shared:
@@ -235,6 +240,7 @@ class ImageVolumeCache:
                     self.backend.delete(volume.id)
                 except errors.VolumeAttached:
                     continue  # attached meanwhile
+                self._unpublish(meta.get('image_id'), volume.id)
                 gone.append(volume.id)
         return gone
 
@@ -254,20 +260,23 @@ class ImageVolumeCache:
 
     def _populate(self, image, source, progress, volume_id=None):
         """Create the template volume (or take ``volume_id``, claimed
-        already) and write the image into it once."""
+        already: then the caller deletes it on failure) and write the
+        image into it once."""
+        created = None
         tmp_dir = os.path.join(self.state_dir, 'tmp')
         os.makedirs(tmp_dir, exist_ok=True)
         part = os.path.join(tmp_dir, '%s.%d.part' % (hashlib.sha1(
             image.id.encode()).hexdigest(), os.getpid()))
         try:
             def write_template(fmt, virtual_size):
-                nonlocal volume_id
+                nonlocal volume_id, created
                 if volume_id is None:
                     self.enforce_limits(reserve_bytes=virtual_size,
                                         reserve_count=1,
                                         locked_image=image.id)
-                    volume_id = self.backend.create(virtual_size, {
-                        'kind': 'template', 'image_id': image.id})
+                    volume_id = created = self.backend.create(
+                        virtual_size, {'kind': 'template',
+                                       'image_id': image.id})
                 else:
                     self.backend.extend(volume_id, virtual_size)
                     self.backend.update_metadata(volume_id,
@@ -284,8 +293,8 @@ class ImageVolumeCache:
             finally:
                 os.close(part_fd)
         except BaseException:
-            if volume_id:
-                self.backend.delete(volume_id)
+            if created:
+                self._delete_failed(created)
             raise
         finally:
             files.unlink_quietly(part)
@@ -296,6 +305,16 @@ class ImageVolumeCache:
                           last_used=now, disk_format=image.disk_format)
 
     # -- a backend shared by several hosts -----------------------------------
+    def _delete_failed(self, volume_id):
+        """Delete the template a failed write leaves; if the volume side
+        cannot (what failed the write may fail this too), leave it to
+        ``reclaim`` and keep the write's own error for the caller."""
+        try:
+            self.backend.delete(volume_id)
+        except errors.AgentError as exc:
+            LOG.warning('template volume %s of a failed write is left for '
+                        'reclaim: %s', volume_id, exc)
+
     def _templates(self, image):
         """Template volumes of ``image`` any host made for this version of
         it (not retired), oldest claim first: the first is the one every
@@ -350,10 +369,10 @@ class ImageVolumeCache:
                                                volume_id=claim)
                         first = next(iter(self._templates(image)), None)
                         if first is None or first.id == claim:
+                            self._publish(image, entry)
                             return entry, 'miss'
                 except BaseException:
-                    with contextlib.suppress(errors.AgentError):
-                        self.backend.delete(claim)
+                    self._delete_failed(claim)
                     raise
                 self.backend.delete(claim)
             LOG.info('image %s: waiting for template %s, claimed by host '
@@ -375,6 +394,111 @@ class ImageVolumeCache:
                     reason='the template volume %s another host is '
                     'writing was not ready in %d s' % (
                         first.id, self.backend.template_wait_timeout))
+
+    # -- Glance locations ([cinder] glance_locations) -------------------------
+    def _locations_on(self):
+        """Whether templates are recorded in Glance: the option on, Glance
+        the image source, and Cinder the backend (it alone clones)."""
+        return self.backend.name == 'cinder' and \
+            self.conf.cinder.glance_locations and \
+            self.conf.image_source.driver == 'glance'
+
+    def _glance(self):
+        """The Glance to record templates on, or None."""
+        if not self._locations_on():
+            return None
+        from agent.images.glance import GlanceImageSource
+        return GlanceImageSource(self.conf)
+
+    def _publish(self, image, entry):
+        """Record the template just written, and verified against the
+        image's hash (``download_verified``), as a ``cinder://`` location
+        of its image, so that Cinder's create-from-image clones it. Only
+        a raw, bare image: Cinder clones nothing else, and only those bits
+        are the image's own. Best effort: a refusal is logged and counted,
+        the fetch goes on."""
+        glance = self._glance()
+        if glance is None or image.disk_format != 'raw' or \
+                image.container_format != 'bare' or not image.expected_hash:
+            return
+        url = 'cinder://%s' % entry.volume_id
+        try:
+            if image.owner:
+                self.backend.set_image_owner(entry.volume_id, image.owner)
+            now = glance.add_location(image.id, url)
+            self._carry_forward(image.id, image.updated_at, now.updated_at,
+                                entry)
+        except (errors.AgentError, TransientSourceError) as exc:
+            LOG.warning('image %s: template %s not recorded in Glance (Cinder '
+                        'will download the image for volumes made from it): '
+                        '%s', image.id, entry.volume_id, exc)
+            self._event('location_failed', entry, reason=str(exc))
+            return
+        self._event('location_added', entry, location=url)
+
+    def _unpublish(self, image_id, volume_id):
+        """Remove the location of a template just deleted (Glance deletes
+        a removed location's volume: it is gone already)."""
+        glance = self._glance()
+        if glance is None or not image_id:
+            return
+        entry = CacheEntry(image_id=image_id, volume_id=volume_id,
+                           backend=self.backend.name, size_bytes=0)
+        try:
+            changed = glance.remove_location(image_id,
+                                             'cinder://%s' % volume_id)
+            if changed is None:
+                return
+            self._carry_forward(image_id, changed[0], changed[1].updated_at)
+        except errors.ImageNotFound:
+            return
+        except (errors.AgentError, TransientSourceError) as exc:
+            LOG.warning('image %s: the location of deleted template %s is '
+                        'left in Glance (harmless: Cinder finds no such '
+                        'volume and downloads): %s', image_id, volume_id, exc)
+            self._event('location_failed', entry, reason=str(exc))
+            return
+        self._event('location_removed', entry)
+
+    def _carry_forward(self, image_id, before, after, entry=None):
+        """Glance moves an image's ``updated_at`` when its locations
+        change: move the fresh templates made for ``before`` (shared
+        metadata, this host's entries and ``entry``) to ``after``, or every
+        host would take the location just changed for a new version of the
+        image and retire them."""
+        if not after or before == after:
+            return
+        for volume in self.backend.list():
+            meta = volume.metadata
+            if meta.get('kind') == 'template' and \
+                    meta.get('image_id') == image_id and \
+                    meta.get('state', 'fresh') == 'fresh' and \
+                    meta.get('image_updated_at') == before:
+                self.backend.update_metadata(volume.id,
+                                             image_updated_at=after)
+        for known in self.entries(image_id) + ([entry] if entry else []):
+            if known.state == 'fresh' and known.image_updated_at == before:
+                known.image_updated_at = after
+                if self.db.get('entry:' + known.volume_id):
+                    self._put(known)
+
+    def _still_fresh(self, entry, image):
+        """Whether an entry ``image`` looks newer than is still fresh: on a
+        shared backend, its template was carried forward to the image's
+        ``updated_at`` by the host that changed the image's locations
+        (``_carry_forward``); then the entry follows."""
+        if not self.backend.shared:
+            return False
+        try:
+            meta = self.backend.get(entry.volume_id).metadata
+        except errors.VolumeNotFound:
+            return False
+        if meta.get('state', 'fresh') != 'fresh' or \
+                _newer(image.updated_at, meta.get('image_updated_at')):
+            return False
+        entry.image_updated_at = image.updated_at
+        self._put(entry)
+        return True
 
     def _claim(self, image):
         size = image.virtual_size or image.size or GiB
@@ -420,6 +544,7 @@ class ImageVolumeCache:
             self._delete(entry)
             return
         self._delete(entry)
+        self._unpublish(entry.image_id, entry.volume_id)
         self._event('evict', entry, reason=reason)
 
     def evict(self, image_id):
@@ -494,6 +619,7 @@ class ImageVolumeCache:
                         if current and not current.holders:
                             self._remove(current, 'retired and released')
                 continue
+            image = None
             try:
                 image = source.get(entry.image_id)
             except errors.ImageNotFound:
@@ -508,7 +634,8 @@ class ImageVolumeCache:
                 reason = 'image updated at %s' % image.updated_at
             with self.lock(entry.image_id):
                 current = self._reload(entry)
-                if current and current.state == 'fresh':
+                if current and current.state == 'fresh' and not (
+                        image and self._still_fresh(current, image)):
                     self._retire(current, reason)
                     retired.append(current.image_id)
         return retired

@@ -69,8 +69,14 @@ class VolumeLinkingTemplateImageHandler(BaseTemplateImageHandler):
         location = image.volume_location
         cache_entry = None
         holder = self._holder(path)
+        volume = None
         if location and self._location_allowed(image, project_id)[0]:
             volume = self.backend.get(location)
+            if volume.metadata.get('kind') == 'template':
+                # a template the cache recorded on the image ([cinder]
+                # glance_locations): held through the cache, as a hit
+                volume = None
+        if volume is not None:
             if image.size and volume.size_bytes < image.size:
                 raise errors.VolumeTooSmall(volume_id=location,
                                             size=volume.size_bytes,

@@ -33,6 +33,7 @@ from agent.images.sources import (DataStream, ImageSource,
                                   TransientSourceError, backoff_delays)
 
 CHUNK_SIZE = 1024 * 1024
+PATCH_TYPE = 'application/openstack-images-v2.1-json-patch'
 CONNECT_TIMEOUT = 10.0
 USER_AGENT = 'template-image-agent'
 _CONTENT_RANGE = re.compile(r'^bytes (\d+)-(\d+)/(\d+|\*)$')
@@ -260,6 +261,85 @@ class GlanceImageSource(ImageSource):
                 pass
         return DataStream(chunks(), served, resp.close, abort=abort,
                           readinto=_direct_reader(body))
+
+
+    # -- locations (``[cinder] glance_locations``) ---------------------------
+    def _patch(self, image_id, ops, what):
+        """One ``PATCH /v2/images/{id}`` (a JSON patch), on the first
+        server that answers: the image as it is now (Glance moved its
+        ``updated_at``). SourceUnavailable with Glance's answer if none
+        accepts it."""
+        reasons = []
+        body = json.dumps(ops).encode()
+        for server in self.servers:
+            url = self._url(server, image_id)
+            try:
+                conn, target, extra = _open_connection(url, CONNECT_TIMEOUT)
+                try:
+                    conn.connect()
+                    conn.sock.settimeout(self.read_timeout)
+                    conn.request('PATCH', target, body=body, headers=dict(
+                        self.headers, **extra, **{
+                            'Content-Type': PATCH_TYPE}))
+                    resp = conn.getresponse()
+                    text = resp.read()
+                finally:
+                    conn.close()
+            except _HTTP_ERRORS as exc:
+                reasons.append('%s: %s' % (server, _describe(exc)))
+                continue
+            if resp.status < 300:
+                try:
+                    return image_meta.ImageMeta.from_glance(json.loads(text))
+                except ValueError as exc:
+                    raise errors.SourceUnavailable(
+                        source='Glance at %s' % server,
+                        reason='malformed answer to %s: %s' % (what, exc))
+            reason = 'HTTP %d: %s' % (resp.status, _glance_message(text))
+            if resp.status < 500:
+                raise errors.SourceUnavailable(
+                    source='Glance at %s' % server,
+                    reason='%s refused: %s' % (what, reason))
+            reasons.append('%s: %s' % (server, reason))
+        raise errors.SourceUnavailable(source='Glance (%s)' % ', '.join(
+            self.servers), reason='%s: %s' % (what, '; '.join(reasons)))
+
+    def add_location(self, image_id, url):
+        """Add ``url`` to the image's locations (at the end: the image's
+        own data stays its first location); the image as it is now."""
+        return self._patch(image_id, [{'op': 'add', 'path': '/locations/-',
+                                'value': {'url': url, 'metadata': {}}}],
+                    'adding location %s to image %s' % (url, image_id))
+
+    def remove_location(self, image_id, url):
+        """Remove every location of the image that names the same volume
+        as ``url`` (Glance may have rewritten ``cinder://<id>`` as
+        ``cinder://<store>/<id>``). Glance deletes a removed location's
+        data through its store: remove only a volume already deleted.
+        ``(updated_at before, the image as it is now)``, or None when the
+        image had no such location."""
+        volume_id = url.rstrip('/').split('/')[-1]
+        resp = self._request(image_id)
+        try:
+            record = json.loads(resp.read() or b'{}')
+        finally:
+            resp.close()
+        urls = [loc.get('url') for loc in record.get('locations') or []]
+        now = None
+        for index in reversed(range(len(urls))):
+            if (urls[index] or '').startswith('cinder://') and \
+                    urls[index].rstrip('/').split('/')[-1] == volume_id:
+                now = self._patch(image_id, [{
+                    'op': 'remove', 'path': '/locations/%d' % index}],
+                    'removing location %s from image %s' % (urls[index],
+                                                             image_id))
+        return (record.get('updated_at'), now) if now else None
+
+
+def _glance_message(text):
+    """The readable part of a Glance error body (HTML or JSON)."""
+    text = re.sub(r'<[^>]+>', ' ', (text or b'').decode('utf-8', 'replace'))
+    return ' '.join(text.split())[:300]
 
 
 def _describe(exc):

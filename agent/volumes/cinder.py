@@ -326,6 +326,14 @@ class CinderVolumeBackend(VolumeBackend):
                       'update the metadata of volume %s' % volume_id,
                       {'metadata': _encode(changes)})
 
+    def set_image_owner(self, volume_id, owner):
+        """Cinder's own ``image_owner`` metadata key (not the agent's
+        namespace): Cinder clones an image volume for a volume create in
+        another project only if it names the image's owner."""
+        self._request('POST', '/volumes/%s/metadata' % volume_id,
+                      'update the metadata of volume %s' % volume_id,
+                      {'metadata': {'image_owner': owner}})
+
     def holders(self, volume_id):
         """The hosts that have ``volume_id`` attached (Cinder's attachment
         records), sorted."""
@@ -392,11 +400,24 @@ class CinderVolumeBackend(VolumeBackend):
             record = self._export(key, volume_id, read_only=False,
                                   block_device=False, direct=True)
         try:
+            # a Ceph that stops answering fails the write within
+            # operation_timeout (librados waits for ever by default)
             target = record.get('path') or rbd_filename(
-                record['connection_info'], self.opts.ceph_conf)
-            qemu_img.convert_to_raw(path, fmt, target,
-                                    image_id=volume_id, existing_target=True,
-                                    virtual_size=os.path.getsize(path))
+                record['connection_info'], self.opts.ceph_conf,
+                op_timeout=self.opts.operation_timeout)
+            try:
+                qemu_img.convert_to_raw(path, fmt, target,
+                                        image_id=volume_id,
+                                        existing_target=True,
+                                        virtual_size=os.path.getsize(path))
+            except errors.ConversionFailed as exc:
+                if not _volume_side(exc.kwargs.get('reason') or ''):
+                    raise
+                raise errors.VolumeWriteFailed(
+                    volume_id=volume_id,
+                    rbd_image=record['connection_info'].get('name'),
+                    # qemu-img says it once per request in flight
+                    reason=exc.kwargs['reason'].strip().splitlines()[-1])
         finally:
             with self._lock(volume_id):
                 self._teardown(self._load(key))
@@ -670,9 +691,19 @@ class CinderVolumeBackend(VolumeBackend):
             raise errors.BackendUnavailable(backend='cinder', reason=str(exc))
 
 
-def rbd_filename(info, ceph_conf=None):
+def _volume_side(qemu_img_stderr):
+    """Whether qemu-img failed on the RBD side of a write (Ceph timed out,
+    refused or went away) rather than reading the image."""
+    text = qemu_img_stderr.lower()
+    return 'while writing' in text or 'rbd' in text or \
+        'did not finish' in text or 'timed out' in text
+
+
+def rbd_filename(info, ceph_conf=None, op_timeout=None):
     """QEMU's ``rbd:`` filename for an RBD connection info (``pool/image``,
-    monitors, user), with the names checked as the exports check them."""
+    monitors, user), with the names checked as the exports check them.
+    ``op_timeout``: seconds after which librados gives up on a monitor or
+    OSD operation (and on connecting) instead of waiting for Ceph."""
     from agent.privileged import rbd_exports
     pool, _, image = (info.get('name') or '').partition('/')
     names = [pool, image] + ([info['auth_username']]
@@ -692,6 +723,10 @@ def rbd_filename(info, ceph_conf=None):
         name += ':auth_supported=none'
     if ceph_conf and os.path.isfile(ceph_conf) and ':' not in ceph_conf:
         name += ':conf=%s' % ceph_conf
+    if op_timeout:
+        name += ''.join(':%s=%d' % (opt, op_timeout) for opt in (
+            'rados_osd_op_timeout', 'rados_mon_op_timeout',
+            'client_mount_timeout'))
     return name
 
 

@@ -71,3 +71,29 @@ def test_admin_token_session_reaches_the_configured_endpoint(tmp_path):
     assert adapter.get_endpoint() == 'http://127.0.0.1:9/v3/abc'
     assert adapter.session.timeout == 7.0
     assert adapter.default_microversion == cinder.MICROVERSION
+
+
+def test_the_template_write_gives_up_on_a_silent_ceph():
+    info = {'name': 'volumes/volume-1', 'hosts': ['127.0.0.1'],
+            'ports': ['6789'], 'auth_enabled': False}
+    plain = cinder.rbd_filename(info)
+    assert 'timeout' not in plain
+    bounded = cinder.rbd_filename(info, op_timeout=30)
+    assert bounded.startswith(plain)
+    assert bounded.endswith(':rados_osd_op_timeout=30:rados_mon_op_timeout'
+                            '=30:client_mount_timeout=30')
+
+
+@pytest.mark.parametrize('stderr,volume_side', [
+    ('qemu-img: error while writing at byte 90177536: Connection timed out',
+     True),
+    ("qemu-img: Could not open 'rbd:volumes/volume-1:mon_host=...': error "
+     'connecting: Connection timed out', True),
+    ('qemu-img convert did not finish in 600 s and was killed', True),
+    ('qemu-img: error while reading at byte 0: Input/output error', False),
+    ("qemu-img: Could not open '/x.part': Image is not in qcow2 format",
+     False),
+])
+def test_a_failed_template_write_is_told_apart_from_a_bad_image(
+        stderr, volume_side):
+    assert cinder._volume_side(stderr) is volume_side
