@@ -145,10 +145,15 @@ class Relay:
     (the real Glance) through the namespace's rate-limited link. Counts the
     bytes relayed towards the clients (``sent``). Only a wire: what
     crosses it is untouched. With ``namespace`` None it listens in this
-    process's own namespace (a counting proxy on loopback)."""
+    process's own namespace (a counting proxy on loopback). With ``rate``
+    (bytes per second), what it sends towards the clients shares one link
+    of that rate, first come first served (a server's uplink, without a
+    namespace)."""
 
-    def __init__(self, namespace, address, target):
+    def __init__(self, namespace, address, target, rate=None):
         self.target = target
+        self.rate = rate
+        self._free_at = 0.0  # when the capped link is free again
         self.sent = 0
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -206,6 +211,11 @@ class Relay:
                 data = source.recv(1 << 20)
                 if not data:
                     break
+                if count and self.rate:
+                    with self._lock:
+                        start = max(time.monotonic(), self._free_at)
+                        self._free_at = start + len(data) / self.rate
+                    time.sleep(max(0.0, self._free_at - time.monotonic()))
                 sink.sendall(data)
                 if count:
                     with self._lock:
