@@ -33,7 +33,7 @@ if [ "${1:-}" = clean ]; then
     exit 0
 fi
 
-mkdir -p "$STATE"
+mkdir -p "$STATE" "$STATE/instances"  # nova makes instances_path; here, we do
 cat > "$CONF" <<CONF
 [DEFAULT]
 instances_path = $STATE/instances

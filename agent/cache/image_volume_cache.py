@@ -385,6 +385,7 @@ class ImageVolumeCache:
                 self.backend.delete(claim)
             LOG.info('image %s: waiting for template %s, claimed by host '
                      '%s', image.id, first.id, first.metadata.get('host'))
+            self.backend.prepare_attach()
             while time.monotonic() < deadline:
                 try:
                     volume = self.backend.get(first.id)
@@ -512,9 +513,11 @@ class ImageVolumeCache:
         size = image.virtual_size or image.size or GiB
         self.enforce_limits(reserve_bytes=size, reserve_count=1,
                             locked_image=image.id)
+        # not waiting for the volume to be made: the claim counts once it
+        # is listed, and the winner downloads meanwhile
         return self.backend.create(size, {
             'kind': 'template', 'image_id': image.id, 'state': 'fresh',
-            'image_updated_at': image.updated_at})
+            'image_updated_at': image.updated_at}, wait=False)
 
     def holders(self, entry):
         """Who holds ``entry``: its holders on this host, and on a shared

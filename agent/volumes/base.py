@@ -49,11 +49,14 @@ class VolumeBackend(abc.ABC):
         'clone': 'reflink'|'copy'|..., ...}``: what this host can do."""
 
     @abc.abstractmethod
-    def create(self, size_bytes, metadata):
+    def create(self, size_bytes, metadata, wait=True):
         """Create an empty volume; return its id. Its metadata says
         ``status: creating`` (with this process's ``pid``) until
         ``write_image`` completes, so ``reclaim`` can tell a volume whose
-        creator died from one still being written."""
+        creator died from one still being written. With ``wait`` False, a
+        backend whose volumes are made asynchronously may return as soon
+        as the volume (and its metadata) exists; ``write_image``,
+        ``extend`` and ``delete`` wait for it to be made."""
 
     @abc.abstractmethod
     def get(self, volume_id):
@@ -99,6 +102,12 @@ class VolumeBackend(abc.ABC):
     def connection_properties(self, volume_id, read_only=True):
         """os-brick connection info ``{'driver_volume_type', 'data'}``;
         exports the volume (e.g. sets up a loop device) when needed."""
+
+    def prepare_attach(self):
+        """Load and work out ahead of time what attaching will need, while
+        the caller waits anyway (for another host's template); nothing by
+        default. Errors are left for the attach itself to raise."""
+        return None
 
     @abc.abstractmethod
     def release(self, volume_id):

@@ -72,6 +72,9 @@ META_PREFIX = 'template-agent:'
 #: 3.54: attachments with a mode; 3.44: os-complete; 3.27: attachments
 MICROVERSION = '3.54'
 POLL_SECONDS = 0.5
+#: the pause before asking again for an attachment Cinder refused because
+#: another host's was being made (random within, so hosts interleave)
+ATTACH_RETRY_SECONDS = (0.05, 0.25)
 #: what a volume goes through while another host attaches or detaches it
 #: (Cinder reports the status it reads after its reservation failed, which
 #: may already be the next one)
@@ -272,8 +275,9 @@ class CinderVolumeBackend(VolumeBackend):
         return Volume(id=data['id'], size_bytes=data['size'] * GiB,
                       metadata=meta)
 
-    def _new_volume(self, body, metadata, action):
-        """POST a volume and wait for it; delete it if it fails."""
+    def _new_volume(self, body, metadata, action, wait=True):
+        """POST a volume and (with ``wait``) wait for it; delete it if it
+        fails."""
         body.setdefault('name', 'template-agent-%s-%s' % (
             metadata.get('kind', 'volume'), metadata.get('image_id') or ''))
         body['metadata'] = _encode(metadata)
@@ -281,6 +285,8 @@ class CinderVolumeBackend(VolumeBackend):
             body['volume_type'] = self.opts.volume_type
         volume_id = self._request('POST', '/volumes', action,
                                   {'volume': body})['volume']['id']
+        if not wait:
+            return volume_id
         try:
             self._wait(volume_id, ('available',), action)
         except BaseException:
@@ -325,11 +331,26 @@ class CinderVolumeBackend(VolumeBackend):
                 self._route = 'qemu-storage-daemon'
         return self._route
 
-    def create(self, size_bytes, metadata):
+    def create(self, size_bytes, metadata, wait=True):
         meta = dict(metadata, status='creating', pid=os.getpid(),
                     host=self.host, created=time.time())
         return self._new_volume({'size': _gib(size_bytes)}, meta,
-                                'create a volume')
+                                'create a volume', wait=wait)
+
+    def _settled(self, volume_id, action):
+        """The volume once Cinder has finished creating it (a volume
+        created without waiting is written, extended or deleted later)."""
+        deadline = time.monotonic() + self.opts.operation_timeout
+        while True:
+            volume = self._volume(volume_id)
+            if volume['status'] != 'creating':
+                return volume
+            if time.monotonic() > deadline:
+                raise errors.VolumeServiceFailed(
+                    endpoint=self.endpoint, action=action,
+                    reason='volume %s still creating after %d s' % (
+                        volume_id, self.opts.operation_timeout))
+            time.sleep(POLL_SECONDS)
 
     def get(self, volume_id):
         return self._to_volume(self._volume(volume_id))
@@ -365,7 +386,7 @@ class CinderVolumeBackend(VolumeBackend):
     def delete(self, volume_id):
         self.release(volume_id)
         try:
-            volume = self._volume(volume_id)
+            volume = self._settled(volume_id, 'delete volume %s' % volume_id)
         except errors.VolumeNotFound:
             return
         hosts = sorted({a.get('host_name') or '?'
@@ -413,10 +434,10 @@ class CinderVolumeBackend(VolumeBackend):
                                 meta, 'clone volume %s' % volume_id)
 
     def extend(self, volume_id, size_bytes):
-        volume = self._volume(volume_id)
+        action = 'extend volume %s' % volume_id
+        volume = self._settled(volume_id, action)
         if _gib(size_bytes) <= volume['size']:
             return
-        action = 'extend volume %s' % volume_id
         self._request('POST', '/volumes/%s/action' % volume_id, action,
                       {'os-extend': {'new_size': _gib(size_bytes)}})
         deadline = time.monotonic() + self.opts.operation_timeout
@@ -432,6 +453,7 @@ class CinderVolumeBackend(VolumeBackend):
     def write_image(self, volume_id, path, fmt):
         from agent.images import qemu_img
         key = volume_id + '.write'
+        self._settled(volume_id, 'write volume %s' % volume_id)
         with self._lock(volume_id):
             # in userspace, QEMU's own RBD client writes straight into the
             # attached image (what the export would do, minus FUSE)
@@ -583,6 +605,12 @@ class CinderVolumeBackend(VolumeBackend):
             self._connector = props
         return dict(self._connector)
 
+    def prepare_attach(self):
+        # os-brick's import and the connector properties take about a
+        # second on a busy host: paid while the template is written
+        with contextlib.suppress(Exception):
+            self.connector()
+
     def _attachment(self, volume_id, read_only, record):
         """The connection info of this host's attachment for the export
         (the recorded one if Cinder still has it, else a new one)."""
@@ -611,7 +639,9 @@ class CinderVolumeBackend(VolumeBackend):
                 if not busy or busy.group(1) not in TRANSIENT_STATUSES or \
                         time.monotonic() > deadline:
                     raise
-                time.sleep(POLL_SECONDS * random.uniform(0.5, 1.5))
+                # (short: Cinder takes one attachment at a time, and each
+                # is done in a fraction of a second)
+                time.sleep(random.uniform(*ATTACH_RETRY_SECONDS))
         try:
             self._request('POST', '/attachments/%s/action' % data['id'],
                           action, {'os-complete': {}})

@@ -173,7 +173,7 @@ class LocalVolumeBackend(VolumeBackend):
             except OSError:
                 return False
 
-    def create(self, size_bytes, metadata):
+    def create(self, size_bytes, metadata, wait=True):
         os.makedirs(self.path, exist_ok=True)
         volume_id = str(uuid.uuid4())
         # the metadata first: a data file without it is always a leftover
