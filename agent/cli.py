@@ -116,8 +116,7 @@ class Context:
 @contextlib.contextmanager
 def handle_errors(ctx):
     """One line on stderr and an exit code for every expected failure."""
-    from oslo_config import cfg
-    from agent import errors
+    from agent import config, errors
     try:
         yield
     except errors.AgentError as exc:
@@ -125,7 +124,7 @@ def handle_errors(ctx):
             raise
         click.echo('error: %s' % exc, err=True)
         sys.exit(exc.exit_code)
-    except cfg.Error as exc:
+    except config.cfg.Error as exc:
         if ctx.verbose:
             raise
         click.echo('error: configuration: %s' % exc, err=True)
