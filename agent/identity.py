@@ -19,7 +19,6 @@ owner could not do. Started by any other user, nothing is dropped, and the
 agent works only if that user owns ``instances_path``.
 """
 
-import ctypes
 import dataclasses
 import logging
 import os
@@ -188,6 +187,7 @@ def _drop_to(owner):
     os.setgroups(owner.groups)
     os.setresgid(owner.gid, owner.gid, owner.gid)
     os.setresuid(owner.uid, owner.uid, owner.uid)
+    import ctypes
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), 'prctl(PR_SET_DUMPABLE) failed')
