@@ -168,8 +168,10 @@ def _preload(conf):
     import importlib
     import pkgutil
     import agent
+    from agent import deferred
     for module in pkgutil.walk_packages(agent.__path__, 'agent.'):
         importlib.import_module(module.name)
+    deferred.load_all()  # what oslo.config left to load on first use
     from agent.handlers import registry
     for name in conf.template_image_handler:
         registry.load(name)  # a third party's too
