@@ -19,7 +19,6 @@ owner could not do. Started by any other user, nothing is dropped, and the
 agent works only if that user owns ``instances_path``.
 """
 
-import dataclasses
 import logging
 import os
 import pwd
@@ -31,12 +30,26 @@ LOG = logging.getLogger(__name__)
 PR_SET_DUMPABLE = 4
 
 
-@dataclasses.dataclass
 class Owner:
-    uid: int
-    gid: int
-    groups: list
-    name: str
+    """The user the agent works as (a plain class: see ``BaseImage``)."""
+
+    def __init__(self, uid, gid, groups, name):
+        self.uid = uid
+        self.gid = gid
+        self.groups = groups
+        self.name = name
+
+    def __eq__(self, other):
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return (self.uid, self.gid, self.groups, self.name) == \
+            (other.uid, other.gid, other.groups, other.name)
+
+    __hash__ = None
+
+    def __repr__(self):
+        return 'Owner(uid=%r, gid=%r, groups=%r, name=%r)' % (
+            self.uid, self.gid, self.groups, self.name)
 
 
 def _untrusted_writer(st, owner_uid):
