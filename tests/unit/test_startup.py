@@ -296,3 +296,39 @@ def test_a_deferred_submodule_answers_annotations_without_loading(
     assert deferred_sub.__name__ == 'tia_fakepkg.sub'
     assert deferred_sub.__getattr__('SUB') == 1  # the real value
     assert sys.modules['tia_fakepkg.sub'] is deferred._real['tia_fakepkg.sub']
+
+
+# -- what was made lazy still behaves the same --------------------------------
+@pytest.mark.parametrize('env,expect', [
+    ({}, ('glance', 9292, '/v2/images?x=1', {})),
+    ({'http_proxy': 'http://u:p@proxy:3128'},
+     ('proxy', 3128, 'http://glance:9292/v2/images?x=1',
+      {'Proxy-Authorization': 'Basic dTpw'})),
+    ({'HTTP_PROXY': 'proxy:8080'},
+     ('proxy', 8080, 'http://glance:9292/v2/images?x=1', {})),
+    ({'http_proxy': 'http://proxy:3128', 'no_proxy': 'glance'},
+     ('glance', 9292, '/v2/images?x=1', {})),
+    ({'https_proxy': 'http://proxy:3128'},
+     ('glance', 9292, '/v2/images?x=1', {})),
+])
+def test_glance_connections_follow_the_proxy_environment(monkeypatch, env,
+                                                         expect):
+    from agent.images import glance
+    for name in list(os.environ):
+        if name.lower().endswith('_proxy'):
+            monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    conn, target, headers = glance._open_connection(
+        'http://glance:9292/v2/images?x=1', 5)
+    assert (conn.host, conn.port, target, headers) == expect
+
+
+def test_the_client_s_connection_class_is_still_there(tmp_path):
+    from agent import client
+    conn = client._UnixConnection(str(tmp_path / 'none.sock'), timeout=3)
+    assert conn.unix_path == str(tmp_path / 'none.sock')
+    assert conn.timeout == 3
+    with pytest.raises(OSError):
+        conn.connect()
+    assert client._connection_class() is client._UnixConnection
