@@ -427,10 +427,11 @@ class TemplateAgent:
         dead writers in the agent's state and, when volumes are used, on
         the volume side (see ``VolumeSide.reclaim``)."""
         report = {'temporary_files': []}
-        for name in sorted(os.listdir(self.conf.state_path)):
+        state = self.conf.state_path
+        for name in sorted(os.listdir(state)) if os.path.isdir(state) else []:
             pid = _writer_pid(name)
             if pid and not _alive(pid):
-                files.unlink_quietly(os.path.join(self.conf.state_path, name))
+                files.unlink_quietly(os.path.join(state, name))
                 report['temporary_files'].append(name)
         if self.volumes.enabled:
             report.update(self.volumes.reclaim(exports))

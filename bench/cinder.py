@@ -10,7 +10,10 @@ with the RBD driver on a one-node memstore Ceph, RabbitMQ and MariaDB
 (``tests/real_cinder.py``), all on loopback and under one temporary
 directory, stopped by PID and removed at the end. Glance is reached through
 a counting TCP proxy, so the bytes every host reads from Glance are
-measured, not estimated. The image is raw, ``--size-mib`` MiB of
+measured, not estimated; the proxy also caps what Glance sends, all hosts
+together, at ``--glance-rate`` MB/s (default 100, a Glance behind a
+gigabit link: on loopback, N downloads would only measure this machine's
+two cores). The image is raw, ``--size-mib`` MiB of
 pseudo-random 1 MiB blocks of which about a quarter are zeros.
 
 For each N, N agents act as N hypervisors (own ``state_path``,
@@ -132,6 +135,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--size-mib', type=int, default=1024)
     parser.add_argument('--hosts', default='1,4,8')
+    parser.add_argument('--glance-rate', type=float, default=100,
+                        help="Glance's uplink in MB/s, shared by every "
+                        "host (0: uncapped, loopback speed)")
     parser.add_argument('--tmpdir', default=None)
     args = parser.parse_args()
     counts = [int(n) for n in args.hosts.split(',')]
@@ -142,8 +148,8 @@ def main():
         glance = RealGlance(venv=glance_installed(),
                             workdir=os.path.join(root, 'glance'))
         glance.start()
-        proxy = Relay(None, '127.0.0.1',
-                      ('127.0.0.1', glance.port)).start()
+        proxy = Relay(None, '127.0.0.1', ('127.0.0.1', glance.port),
+                      rate=args.glance_rate * 1e6 or None).start()
         cinder = RealCinder(venv=ensure_installed(),
                             workdir=os.path.join(root, 'cinder'),
                             glance_url=glance.url,
@@ -197,7 +203,9 @@ def main():
         shutil.rmtree(root, ignore_errors=True)
     print()
     print('Image: raw %d MiB. Wall time of N hosts fetching at once; Glance '
-          'bytes counted by a proxy.' % args.size_mib)
+          'bytes counted by a proxy, Glance capped at %s.' % (
+              args.size_mib, '%g MB/s' % args.glance_rate
+              if args.glance_rate else 'nothing (loopback)'))
     print('%4s %12s %12s %10s %18s %18s' % (
         'N', 'download s', 'cinder s', 'time ratio',
         'glance B/host dl', 'glance B/host cv'))

@@ -18,7 +18,6 @@ import contextlib
 import ctypes
 import os
 import pty
-import select
 import signal
 import socket
 import subprocess
@@ -146,10 +145,15 @@ class Relay:
     (the real Glance) through the namespace's rate-limited link. Counts the
     bytes relayed towards the clients (``sent``). Only a wire: what
     crosses it is untouched. With ``namespace`` None it listens in this
-    process's own namespace (a counting proxy on loopback)."""
+    process's own namespace (a counting proxy on loopback). With ``rate``
+    (bytes per second), what it sends towards the clients shares one link
+    of that rate, first come first served (a server's uplink, without a
+    namespace)."""
 
-    def __init__(self, namespace, address, target):
+    def __init__(self, namespace, address, target, rate=None):
         self.target = target
+        self.rate = rate
+        self._free_at = 0.0  # when the capped link is free again
         self.sent = 0
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -207,6 +211,11 @@ class Relay:
                 data = source.recv(1 << 20)
                 if not data:
                     break
+                if count and self.rate:
+                    with self._lock:
+                        start = max(time.monotonic(), self._free_at)
+                        self._free_at = start + len(data) / self.rate
+                    time.sleep(max(0.0, self._free_at - time.monotonic()))
                 sink.sendall(data)
                 if count:
                     with self._lock:
@@ -222,37 +231,43 @@ class Relay:
 
 def _run_on_a_terminal(command, environ, timeout):
     """Run ``command`` with its stderr on a pseudo-terminal; its return
-    code and its stdout followed by what it wrote on the terminal. The
-    terminal stays open here until everything the command wrote is read
-    (a pty whose last writer closes may drop what was not read yet)."""
+    code and its stdout followed by what it wrote on the terminal. Only
+    the command holds the terminal's other end, so its master is read
+    until the kernel says that end is closed (EIO) and every byte written
+    to it was delivered: no guess at how long the terminal may lag."""
     master, slave = pty.openpty()
     screen = []
-    exited = threading.Event()
 
     def drain():
         while True:
-            ready, _, _ = select.select([master], [], [], 0.2)
-            if not ready:
-                if exited.is_set():
-                    return
-                continue
-            screen.append(os.read(master, 65536))
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # EIO: the command's end closed, all read
+                return
+            if not data:
+                return
+            screen.append(data)
     reader = threading.Thread(target=drain, daemon=True)
-    reader.start()
     try:
-        proc = subprocess.Popen(command, stdout=subprocess.PIPE,
-                                stderr=slave, env=environ)
+        try:
+            proc = subprocess.Popen(command, stdout=subprocess.PIPE,
+                                    stderr=slave, env=environ)
+        finally:
+            os.close(slave)
+        reader.start()
         try:
             out, _ = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.communicate()
             raise
+        # a child the command left behind may hold the terminal: bounded
+        reader.join(30)
+        assert not reader.is_alive(), \
+            'something %s started still holds its terminal' % command[:3]
     finally:
-        exited.set()
-        reader.join(10)
-        os.close(slave)
-        os.close(master)
+        if not reader.is_alive():
+            os.close(master)
     return proc.returncode, (out + b''.join(screen)).decode(
         errors='replace')
 

@@ -234,12 +234,20 @@ class ImageVolumeCache:
                 if meta.get('status') == 'creating' and meta.get('pid') \
                         and psutil.pid_exists(meta['pid']):
                     continue  # being written by a live process
+                if meta.get('cinder_status') == 'deleting':
+                    continue  # on its way (a delete Cinder is finishing)
                 LOG.info('deleting orphan template volume %s of image %s',
                          volume.id, meta.get('image_id'))
                 try:
                     self.backend.delete(volume.id)
                 except errors.VolumeAttached:
                     continue  # attached meanwhile
+                except errors.BackendUnavailable as exc:
+                    # the others are still reclaimed; this one next time
+                    LOG.warning('orphan template volume %s of image %s is '
+                                'left for the next reclaim: %s', volume.id,
+                                meta.get('image_id'), exc)
+                    continue
                 self._unpublish(meta.get('image_id'), volume.id)
                 gone.append(volume.id)
         return gone

@@ -203,12 +203,30 @@ class CinderVolumeBackend(VolumeBackend):
         (when 404 is in ``ok``)."""
         from keystoneauth1 import exceptions as ks_exc
         client = self._client()
-        try:
-            resp = client.request(path, method, json=body, raise_exc=False,
-                                  headers={'Accept': 'application/json'})
-        except ks_exc.ClientException as exc:
-            raise errors.VolumeServiceFailed(endpoint=self.endpoint,
-                                             action=action, reason=str(exc))
+        # keystoneauth retries a request that timed out, even a POST that
+        # Cinder may have carried out (a second volume, or a second
+        # attachment refused because the first one reserved the volume):
+        # a POST is sent again only if it never reached Cinder
+        once = {'connect_retries': 0} if method == 'POST' else {}
+        tries = 1 + (client.connect_retries or 0) if once else 1
+        for attempt in range(tries):
+            try:
+                resp = client.request(path, method, json=body,
+                                      raise_exc=False, headers={
+                                          'Accept': 'application/json'},
+                                      **once)
+                break
+            except ks_exc.ConnectFailure as exc:
+                if attempt + 1 < tries:
+                    time.sleep(0.5 * 2 ** attempt)
+                    continue
+                raise errors.VolumeServiceFailed(
+                    endpoint=self.endpoint, action=action, reason=str(exc))
+            except ks_exc.ClientException as exc:
+                if once and isinstance(exc, ks_exc.ConnectTimeout):
+                    exc = '%s (it may have been done: not sent again)' % exc
+                raise errors.VolumeServiceFailed(
+                    endpoint=self.endpoint, action=action, reason=str(exc))
         if resp.status_code not in ok:
             text = resp.text[:500] if resp.text else ''
             if resp.status_code == 404 and path.startswith('/volumes/'):
@@ -359,6 +377,9 @@ class CinderVolumeBackend(VolumeBackend):
         if hosts:
             raise errors.VolumeAttached(volume_id=volume_id,
                                         hosts=', '.join(hosts))
+        if volume['status'] in ('reserved', 'attaching') and _decode(
+                volume.get('metadata')).get('status') == 'creating':
+            self._drop_unfinished_attachments(volume_id)
         action = 'delete volume %s' % volume_id
         try:
             self._request('DELETE', '/volumes/%s' % volume_id, action,
@@ -369,6 +390,23 @@ class CinderVolumeBackend(VolumeBackend):
                                             hosts='another host')
             raise
         self._wait(volume_id, ('deleted',), action)
+
+    def _drop_unfinished_attachments(self, volume_id):
+        """Delete the attachments of a template being written that were
+        never completed: its writer's, whose answer was lost (a timed-out
+        POST Cinder carried out), which keep the volume ``reserved`` and
+        undeletable. Only the writing host attaches a template before it
+        is written, so they are this host's."""
+        found = self._request(
+            'GET', '/attachments?volume_id=%s' % volume_id,
+            'list the attachments of volume %s' % volume_id)
+        for attachment in found.get('attachments') or []:
+            if attachment.get('status') in ('reserved', 'attaching') and \
+                    not attachment.get('instance'):
+                LOG.info('volume %s: deleting unfinished attachment %s',
+                         volume_id, attachment['id'])
+                self._request('DELETE', '/attachments/%s' % attachment['id'],
+                              'detach volume %s' % volume_id, ok=(200, 404))
 
     def clone(self, volume_id, size_bytes, metadata):
         source = self._volume(volume_id)
@@ -465,11 +503,16 @@ class CinderVolumeBackend(VolumeBackend):
         for volume in self.list():
             meta = volume.metadata
             if meta.get('status') == 'creating' and \
-                    meta.get('host') == self.host and not (
+                    meta.get('host') == self.host and \
+                    meta.get('cinder_status') != 'deleting' and not (
                         meta.get('pid') and psutil.pid_exists(meta['pid'])):
                 try:
                     self.delete(volume.id)
                 except errors.VolumeAttached:
+                    continue
+                except errors.BackendUnavailable as exc:
+                    LOG.warning('unfinished volume %s is left for the next '
+                                'reclaim: %s', volume.id, exc)
                     continue
                 gone['volumes'].append(volume.id)
         for record in self._records():
