@@ -2,29 +2,30 @@
 
 Parses, calls the core, formats (``--format table|json``), and maps errors to
 one readable line on stderr and a non-zero exit (a traceback only with -v).
-Heavy modules are imported inside the commands so ``--help`` stays fast.
+Everything but click and the declaration of the operations is imported
+by the command that needs it, when it runs: ``--help`` loads no
+configuration, and a command loads only what its path through the core
+uses (see "Start-up" in docs/architecture.md).
 """
 
 import contextlib
-import datetime
 import functools
-import json
 import logging
 import os
-import re
 import sys
 
 import click
 
 from agent import operations
 
-_DURATION = re.compile(r'^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$')
+_DURATION = r'^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$'
 _UNITS = {'': 1, 's': 1, 'm': 60, 'h': 3600, 'd': 86400, 'w': 604800}
 
 
 def parse_duration(text):
     """'90', '30s', '10m', '2h', '1d' or '1w', in seconds."""
-    m = _DURATION.match(text or '')
+    import re  # its module cache compiles the pattern once
+    m = re.match(_DURATION, text or '')
     if not m:
         raise ValueError('%r is not a duration such as 0, 30s, 10m, '
                                  '2h or 1d' % text)
@@ -53,6 +54,7 @@ def sources_text(sources):
 def human_time(ts):
     if not ts:
         return '-'
+    import datetime
     return datetime.datetime.fromtimestamp(ts).strftime('%Y-%m-%d %H:%M:%S')
 
 
@@ -69,6 +71,7 @@ def print_table(rows, columns):
 def print_json(data):
     # indented for a person; compact (C-encoded, several times faster on
     # thousands of rows) for a program
+    import json
     indent = 2 if sys.stdout.isatty() else None
     click.echo(json.dumps(data, indent=indent, sort_keys=True, default=str))
 
@@ -116,8 +119,7 @@ class Context:
 @contextlib.contextmanager
 def handle_errors(ctx):
     """One line on stderr and an exit code for every expected failure."""
-    from oslo_config import cfg
-    from agent import errors
+    from agent import config, errors
     try:
         yield
     except errors.AgentError as exc:
@@ -125,7 +127,7 @@ def handle_errors(ctx):
             raise
         click.echo('error: %s' % exc, err=True)
         sys.exit(exc.exit_code)
-    except cfg.Error as exc:
+    except config.cfg.Error as exc:
         if ctx.verbose:
             raise
         click.echo('error: configuration: %s' % exc, err=True)
@@ -443,6 +445,7 @@ def init(ctx, call, fmt):
     click.echo('cleaned %d temporary file(s), adopted %d, dropped %d'
                % (len(report['cleaned']), len(report['adopted']),
                   len(report['dropped'])))
+    import json
     for name, result in report['handlers'].items():
         click.echo('handler %s: %s' % (name, json.dumps(result)))
 

@@ -3,10 +3,13 @@
 ``ServiceClient`` has a method for every operation of ``agent.operations``,
 with the arguments and results of the core's method of that name, so the
 CLI calls and formats both alike.
+
+http.client (and the ssl module it loads) is imported by the first
+request, not by the check whether a service answers: a CLI that finds
+none works in process without it.
 """
 
 import functools
-import http.client
 import json
 import socket
 import urllib.parse
@@ -16,15 +19,36 @@ from agent import errors, operations
 WAIT_STEP = 1.0
 
 
-class _UnixConnection(http.client.HTTPConnection):
-    def __init__(self, path, timeout=300):
-        super().__init__('localhost', timeout=timeout)
-        self.unix_path = path
+def _connection_class():
+    """``_UnixConnection``, defined (http.client imported) on first use."""
+    cls = globals().get('_UnixConnection')
+    if cls is None:
+        cls = globals()['_UnixConnection'] = _define_unix_connection()
+    return cls
 
-    def connect(self):
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(self.timeout)
-        self.sock.connect(self.unix_path)
+
+def _define_unix_connection():
+    import http.client
+
+    class _UnixConnection(http.client.HTTPConnection):
+        """``HTTPConnection(path, timeout)`` to the Unix socket ``path``."""
+
+        def __init__(self, path, timeout=300):
+            super().__init__('localhost', timeout=timeout)
+            self.unix_path = path
+
+        def connect(self):
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.settimeout(self.timeout)
+            self.sock.connect(self.unix_path)
+
+    return _UnixConnection
+
+
+def __getattr__(name):
+    if name == '_UnixConnection':
+        return _connection_class()
+    raise AttributeError('module %r has no attribute %r' % (__name__, name))
 
 
 class ServiceError(errors.AgentError):
@@ -67,7 +91,7 @@ class ServiceClient:
         return op.decode(payload)
 
     def request(self, method, path, body=None):
-        conn = _UnixConnection(self.socket_path)
+        conn = _connection_class()(self.socket_path)
         try:
             data = json.dumps(body).encode() if body is not None else None
             conn.request(method, path, body=data, headers={

@@ -7,9 +7,13 @@ which writes ``etc/template-agent.conf.sample``.
 """
 
 import os
-import socket
 
-from oslo_config import cfg
+from agent import deferred
+
+# oslo.config's netaddr, rfc3986 and stevedore load when first used (see
+# agent.deferred): the agent declares no option that needs them
+with deferred.deferring():
+    from oslo_config import cfg
 
 DEFAULT_OPTS = [
     cfg.StrOpt(
@@ -27,7 +31,8 @@ Related options:
 """),
     cfg.StrOpt(
         'host',
-        default=socket.gethostname(),
+        # what socket.gethostname() answers, without importing socket
+        default=os.uname().nodename,
         sample_default='<current_hostname>',
         help="""
 Name of this host, as nova-compute's ``host``: the name the volume backend
@@ -805,8 +810,17 @@ alone (and the oldest finished image is dropped from the swarm first).
 
 def list_opts(auth_plugins=('password', 'admin_token')):
     """Options for oslo-config-generator (namespace ``template_agent``),
-    with the options of ``auth_plugins`` in ``[cinder]``: the plugin that
-    ``[cinder] auth_type`` names registers its own when Cinder is used."""
+    with keystoneauth1's in ``[cinder]`` and the options of
+    ``auth_plugins``: the plugin that ``[cinder] auth_type`` names
+    registers its own when Cinder is used."""
+    return [(group, opts + keystoneauth_opts(auth_plugins)
+             if group == 'cinder' else opts)
+            for group, opts in _agent_opts()]
+
+
+def _agent_opts():
+    """The agent's own options, by group (keystoneauth1's are not among
+    them: see ``register_cinder_auth``)."""
     return [
         ('DEFAULT', DEFAULT_OPTS),
         ('image_cache', IMAGE_CACHE_OPTS),
@@ -815,12 +829,24 @@ def list_opts(auth_plugins=('password', 'admin_token')):
         ('libvirt', LIBVIRT_OPTS),
         ('volume_linking', VOLUME_LINKING_OPTS),
         ('local_volumes', LOCAL_VOLUMES_OPTS),
-        ('cinder', CINDER_OPTS + keystoneauth_opts(auth_plugins)),
+        ('cinder', CINDER_OPTS),
         ('image_volume_cache', IMAGE_VOLUME_CACHE_OPTS),
         ('api', API_OPTS),
         ('metrics', METRICS_OPTS),
         ('p2p', P2P_OPTS),
     ]
+
+
+def register_cinder_auth(conf):
+    """Register keystoneauth1's session, adapter and auth options in
+    ``[cinder]`` on ``conf`` (again is harmless). ``load`` does it when
+    ``[volume_linking] backend = cinder``, and the cinder backend when it
+    is built: importing keystoneauth1 (and requests) takes longer than
+    everything else a command needs, so configurations without Cinder do
+    without them."""
+    if 'auth_type' in conf.cinder:
+        return  # registered already
+    conf.register_opts(keystoneauth_opts(plugins=()), group='cinder')
 
 
 def keystoneauth_opts(plugins=('password', 'admin_token')):
@@ -859,7 +885,7 @@ def load(config_files=None, overrides=None):
         for DEFAULT, applied after parsing (used by tests and the CLI).
     """
     conf = cfg.ConfigOpts()
-    for group, opts in list_opts(auth_plugins=()):
+    for group, opts in _agent_opts():
         conf.register_opts(opts, group=None if group == 'DEFAULT' else group)
     files = list(config_files or [])
     if not files and os.environ.get(CONFIG_ENV):
@@ -869,6 +895,8 @@ def load(config_files=None, overrides=None):
             raise cfg.ConfigFilesNotFoundError([path])
     conf([], project='template-agent', default_config_files=files,
          default_config_dirs=[], use_env=False)
+    if _uses_cinder(conf, overrides or {}):
+        register_cinder_auth(conf)
     for key, value in (overrides or {}).items():
         if isinstance(value, dict):
             for name, v in value.items():
@@ -876,6 +904,20 @@ def load(config_files=None, overrides=None):
         else:
             conf.set_override(key, value)
     return conf
+
+
+def _uses_cinder(conf, overrides):
+    """Whether ``[volume_linking] backend`` is ``cinder`` (in the files
+    or the overrides), or the overrides set ``[cinder]`` options."""
+    if isinstance(overrides.get('cinder'), dict):
+        return True
+    linking = overrides.get('volume_linking')
+    if isinstance(linking, dict) and 'backend' in linking:
+        return linking['backend'] == 'cinder'
+    try:
+        return conf.volume_linking.backend == 'cinder'
+    except ValueError:
+        return False  # a bad value: reported where it is used, as before
 
 
 def base_dir(conf):

@@ -6,7 +6,6 @@ each base, and answers who uses what. Everything that removes a base checks
 usage strictly, under the base's lock, right before removing it.
 """
 
-import concurrent.futures
 import functools
 import logging
 import os
@@ -258,6 +257,7 @@ class TemplateAgent:
                 results[image_id] = 'error'
             step()
 
+        import concurrent.futures
         workers = self.conf.image_cache.precache_concurrency
         with concurrent.futures.ThreadPoolExecutor(workers) as pool:
             for future in [pool.submit(one, i) for i in ids]:

@@ -19,8 +19,6 @@ owner could not do. Started by any other user, nothing is dropped, and the
 agent works only if that user owns ``instances_path``.
 """
 
-import ctypes
-import dataclasses
 import logging
 import os
 import pwd
@@ -32,12 +30,26 @@ LOG = logging.getLogger(__name__)
 PR_SET_DUMPABLE = 4
 
 
-@dataclasses.dataclass
 class Owner:
-    uid: int
-    gid: int
-    groups: list
-    name: str
+    """The user the agent works as (a plain class: see ``BaseImage``)."""
+
+    def __init__(self, uid, gid, groups, name):
+        self.uid = uid
+        self.gid = gid
+        self.groups = groups
+        self.name = name
+
+    def __eq__(self, other):
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return (self.uid, self.gid, self.groups, self.name) == \
+            (other.uid, other.gid, other.groups, other.name)
+
+    __hash__ = None
+
+    def __repr__(self):
+        return 'Owner(uid=%r, gid=%r, groups=%r, name=%r)' % (
+            self.uid, self.gid, self.groups, self.name)
 
 
 def _untrusted_writer(st, owner_uid):
@@ -169,8 +181,10 @@ def _preload(conf):
     import importlib
     import pkgutil
     import agent
+    from agent import deferred
     for module in pkgutil.walk_packages(agent.__path__, 'agent.'):
         importlib.import_module(module.name)
+    deferred.load_all()  # what oslo.config left to load on first use
     from agent.handlers import registry
     for name in conf.template_image_handler:
         registry.load(name)  # a third party's too
@@ -188,6 +202,7 @@ def _drop_to(owner):
     os.setgroups(owner.groups)
     os.setresgid(owner.gid, owner.gid, owner.gid)
     os.setresuid(owner.uid, owner.uid, owner.uid)
+    import ctypes
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), 'prctl(PR_SET_DUMPABLE) failed')

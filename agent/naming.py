@@ -5,11 +5,11 @@ A base for image id ``X`` is ``_base/<sha1(X)>``; a resized variant is
 and ``.converted`` (conversion) and are only written under the image lock.
 """
 
-import hashlib
 import re
 
-_IMAGE_ID = re.compile(r'^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$')
-_BASE_NAME = re.compile(r'^(?P<sha1>[0-9a-f]{40})(?:_(?P<size>[0-9]+))?$')
+# compiled on first use (re caches them)
+_IMAGE_ID = r'^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$'
+_BASE_NAME = r'^(?P<sha1>[0-9a-f]{40})(?:_(?P<size>[0-9]+))?$'
 TEMP_SUFFIXES = ('.part', '.converted')
 
 
@@ -24,7 +24,7 @@ def validate_image_id(image_id):
     if image_id in ('.', '..') or '..' in image_id:
         raise errors.InvalidImageId(image_id=image_id,
                                     reason="it contains '..'")
-    if not _IMAGE_ID.match(image_id):
+    if not re.match(_IMAGE_ID, image_id):
         raise errors.InvalidImageId(image_id=image_id,
                                     reason='it contains unexpected characters')
     return image_id
@@ -32,12 +32,13 @@ def validate_image_id(image_id):
 
 def base_filename(image_id):
     """nova's cache file name: the sha1 hex digest of the image id."""
+    import hashlib
     return hashlib.sha1(image_id.encode('utf-8')).hexdigest()
 
 
 def parse_base_filename(name):
     """``(sha1, resized_size or None)`` for a base name, else None."""
-    m = _BASE_NAME.match(name)
+    m = re.match(_BASE_NAME, name)
     if not m:
         return None
     size = m.group('size')

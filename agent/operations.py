@@ -26,7 +26,7 @@ from agent import errors, naming
 
 MAX_PRECACHE = 1000
 MAX_VOLUME_GB = 64 * 1024
-_PROJECT_ID = re.compile(r'^[A-Za-z0-9_.-]{1,255}$')
+_PROJECT_ID = r'^[A-Za-z0-9_.-]{1,255}$'  # compiled on first use
 _TYPE_NAMES = {str: 'a string', int: 'an integer', bool: 'true or false',
                list: 'a list'}
 
@@ -48,7 +48,7 @@ def _handler(value):
 
 
 def _project_id(value):
-    if not _PROJECT_ID.match(value):
+    if not re.match(_PROJECT_ID, value):
         raise BadRequest(reason='invalid project_id %r: 1 to 255 letters, '
                          'digits, ., _ or -' % value)
     return value

@@ -5,41 +5,69 @@ processes). ``_base`` stays the truth: ``TemplateAgent.reconcile`` adopts
 nova-made files and drops entries whose file is gone.
 """
 
-import dataclasses
 import os
 import time
 
 import diskcache
 
 
-
-@dataclasses.dataclass
 class BaseImage:
-    filename: str
-    image_id: str = None
-    handler: str = 'downloading'
-    source: str = None
-    size_bytes: int = 0
-    virtual_size: int = None
-    disk_format: str = None
-    hash_algo: str = None
-    hash_value: str = None
-    image_updated_at: str = None
-    created: float = None
-    last_used: float = None
-    adopted: bool = False
-    target: str = None          # the device a linked base points to
-    volume_id: str = None       # the volume a linked base comes from
-    backend: str = None         # that volume's backend
-    origin: str = None          # 'location' or 'cache' for linked bases
+    """What the index records of one base (a plain class: a dataclass
+    costs its generated methods' compilation at every start)."""
+
+    #: the fields, in order (``to_dict`` keys, positional arguments)
+    FIELDS = ('filename', 'image_id', 'handler', 'source', 'size_bytes',
+              'virtual_size', 'disk_format', 'hash_algo', 'hash_value',
+              'image_updated_at', 'created', 'last_used', 'adopted',
+              'target',      # the device a linked base points to
+              'volume_id',   # the volume a linked base comes from
+              'backend',     # that volume's backend
+              'origin')      # 'location' or 'cache' for linked bases
+
+    def __init__(self, filename, image_id=None, handler='downloading',
+                 source=None, size_bytes=0, virtual_size=None,
+                 disk_format=None, hash_algo=None, hash_value=None,
+                 image_updated_at=None, created=None, last_used=None,
+                 adopted=False, target=None, volume_id=None, backend=None,
+                 origin=None):
+        self.filename = filename
+        self.image_id = image_id
+        self.handler = handler
+        self.source = source
+        self.size_bytes = size_bytes
+        self.virtual_size = virtual_size
+        self.disk_format = disk_format
+        self.hash_algo = hash_algo
+        self.hash_value = hash_value
+        self.image_updated_at = image_updated_at
+        self.created = created
+        self.last_used = last_used
+        self.adopted = adopted
+        self.target = target
+        self.volume_id = volume_id
+        self.backend = backend
+        self.origin = origin
+
+    def _values(self):
+        return tuple(getattr(self, name) for name in self.FIELDS)
+
+    def __eq__(self, other):
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return self._values() == other._values()
+
+    __hash__ = None
+
+    def __repr__(self):
+        return 'BaseImage(%s)' % ', '.join(
+            '%s=%r' % (name, getattr(self, name)) for name in self.FIELDS)
 
     def to_dict(self):
-        return dataclasses.asdict(self)
+        return {name: getattr(self, name) for name in self.FIELDS}
 
     @classmethod
     def from_dict(cls, data):
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        return cls(**{k: v for k, v in data.items() if k in cls.FIELDS})
 
 
 class BaseImageIndex:

@@ -2,7 +2,6 @@
 ``template_agent.handlers`` (so a third party can add one)."""
 
 import importlib
-from importlib import metadata
 
 from agent import errors
 
@@ -20,6 +19,9 @@ FILE_HANDLER = 'downloading'
 
 
 def _entry_points():
+    # importlib.metadata (and the zipfile, email and pathlib machinery it
+    # pulls in) only when a name is not a built-in handler's
+    from importlib import metadata
     try:
         return {ep.name: ep for ep in
                 metadata.entry_points(group=ENTRY_POINT_GROUP)}

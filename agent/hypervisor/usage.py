@@ -9,13 +9,11 @@ and a QEMU holding that device all resolve to the same base.
 """
 
 import collections
-import dataclasses
 import os
 import stat
 
 from agent import config, errors, identity
 from agent.files import realpath_or_none, stat_key
-from agent.hypervisor import instance_disks, libvirt_domains
 
 
 def path_key(path):
@@ -51,6 +49,7 @@ class _Paths:
         return stat_key(st) if st is not None else None
 
     def backing(self, path):
+        from agent.hypervisor import instance_disks
         st = self.stat(path)
         if st is None:
             return None
@@ -59,6 +58,7 @@ class _Paths:
     def chain(self, path, first=None):
         """The backing chain below ``path`` (top first); ``first``: its
         backing name when the caller read it already."""
+        from agent.hypervisor import instance_disks
         if path in self._chains:
             return self._chains[path]
         chain = []
@@ -71,10 +71,25 @@ class _Paths:
         return chain
 
 
-@dataclasses.dataclass
 class Usage:
-    users: dict                      # base path -> sorted list of users
-    warnings: list = dataclasses.field(default_factory=list)
+    """What a scan found: ``users``, base path -> sorted list of users;
+    ``warnings``, the sources of usage that could not be read."""
+
+    __slots__ = ('users', 'warnings')
+
+    def __init__(self, users, warnings=None):
+        self.users = users
+        self.warnings = [] if warnings is None else warnings
+
+    def __eq__(self, other):
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return (self.users, self.warnings) == (other.users, other.warnings)
+
+    __hash__ = None
+
+    def __repr__(self):
+        return 'Usage(users=%r, warnings=%r)' % (self.users, self.warnings)
 
     def in_use(self, path):
         return bool(self.users.get(path))
@@ -88,6 +103,7 @@ class UsageScanner:
         """``(user, path, key)`` from libvirt and the instance disks;
         ``key`` is what ``path`` is (``stat_key``), None when it names
         nothing (yet). What cannot be read goes to ``problems``."""
+        from agent.hypervisor import instance_disks, libvirt_domains
         refs = []
         paths = _Paths()
 

@@ -21,11 +21,11 @@ shut down, which wakes a read blocked on it.
 import base64
 import http.client
 import json
+import os
 import re
 import socket
 import time
 import urllib.parse
-import urllib.request
 
 from agent import errors
 from agent.images import meta as image_meta
@@ -78,8 +78,12 @@ def _open_connection(url, timeout):
     target = urllib.parse.urlunsplit(('', '', parts.path or '/',
                                       parts.query, ''))
     proxy = None
-    if not urllib.request.proxy_bypass_environment(host):
-        proxy = urllib.request.getproxies_environment().get(scheme)
+    # urllib.request (and what it imports) only when the environment may
+    # name a proxy: getproxies_environment reads only *_proxy variables
+    if any(name.lower().endswith('_proxy') for name in os.environ):
+        from urllib import request
+        if not request.proxy_bypass_environment(host):
+            proxy = request.getproxies_environment().get(scheme)
     headers = {}
     if proxy:
         try:

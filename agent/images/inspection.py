@@ -7,9 +7,13 @@ inspector's safety checks must pass: no backing file, no qcow2 data file, no
 unknown qcow2 features, only safe VMDK create types, no multiple formats.
 """
 
-from oslo_utils.imageutils import format_inspector
+from agent import deferred, errors
 
-from agent import errors
+# its LUKS helpers (and cryptography) load only if a LUKS image is
+# decrypted, which needs a passphrase the agent never gives
+with deferred.deferring_submodule('oslo_utils.imageutils', '_luks',
+                                  annotations=('LUKSHeader',)):
+    from oslo_utils.imageutils import format_inspector
 
 AMI_FORMATS = ('ami', 'aki', 'ari')
 #: disk formats the agent knows how to turn into a raw base

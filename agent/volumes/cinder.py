@@ -63,7 +63,7 @@ import uuid
 import psutil
 from oslo_concurrency import lockutils
 
-from agent import errors, files
+from agent import config, errors, files
 from agent.volumes.base import Volume, VolumeBackend
 
 LOG = logging.getLogger(__name__)
@@ -136,6 +136,10 @@ class CinderVolumeBackend(VolumeBackend):
 
     def __init__(self, conf):
         super().__init__(conf)
+        # keystoneauth1's [cinder] options, when the configuration loaded
+        # did not name this backend (``agent.config.load`` registers them
+        # when it does)
+        config.register_cinder_auth(conf)
         self.opts = conf.cinder
         self.host = conf.host
         self.exports_path = conf.cinder.exports_path
