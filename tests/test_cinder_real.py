@@ -572,3 +572,40 @@ def test_reclaim_deletes_a_template_an_unfinished_attachment_reserves(
     # the attachment went with it (any status but 404 raises)
     real_cinder.request('GET', '/attachments/%s' % attachment['id'],
                         ok=(404,))
+
+
+def test_a_tampered_image_missed_on_several_hosts_leaves_no_template(
+        hosts, real_glance, real_cinder, tmp_path):
+    """Three hosts miss at once on an image whose stored bytes no longer
+    match its hash. The host whose claim wins downloads, finds the
+    mismatch and gives the template up, while the others wait for it (and
+    attach it ahead); they let go, claim in turn and fail the same way.
+    Nothing is linked or published, and nothing stays attached, exported
+    or in Cinder."""
+    image_path = make_raw(str(tmp_path / 'tampered.raw'), data_mib=100,
+                          total_mib=128, seed=21)
+    image_id = real_glance.create_image('tampered', image_path,
+                                        visibility='public')['id']
+    stored = os.path.join(real_glance.workdir, 'images', image_id)
+    with open(stored, 'r+b') as f:  # one bit flipped in the store
+        f.seek(64 * MiB)
+        byte = f.read(1)[0]
+        f.seek(64 * MiB)
+        f.write(bytes([byte ^ 1]))
+    with concurrent.futures.ThreadPoolExecutor(len(hosts)) as pool:
+        procs = list(pool.map(lambda env: env.cli('fetch', image_id,
+                                                  check=False), hosts))
+    for env, proc in zip(hosts, procs):
+        assert proc.returncode != 0, proc.stdout
+        assert 'corrupt or was tampered with' in proc.stderr, proc.stderr
+        assert env.base_files() == []
+    # every claim given up is deleted by the fetches themselves (the last
+    # host attached to it lets go and deletes it), not left to reclaim
+    deadline = time.monotonic() + 120
+    while agent_volumes(real_cinder, 'template', image_id):
+        assert time.monotonic() < deadline, agent_volumes(
+            real_cinder, 'template', image_id)
+        time.sleep(1)
+    assert [v['id'] for v in real_cinder.volumes() if v['attachments']] \
+        == []
+    assert exports(tmp_path) == {}

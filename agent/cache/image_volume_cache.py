@@ -259,7 +259,8 @@ class ImageVolumeCache:
         meta = volume.metadata
         if meta.get('status') == 'creating':
             return meta.get('host') == self.host
-        return meta.get('state') == 'stale' and not \
+        return (meta.get('status') == 'failed' or
+                meta.get('state') == 'stale') and not \
             self.backend.holders(volume.id)
 
     def _reload(self, entry):
@@ -300,6 +301,8 @@ class ImageVolumeCache:
                     progress=progress)
             finally:
                 os.close(part_fd)
+            # verified: only now may another host take it
+            self.backend.mark_written(volume_id)
         except BaseException:
             if created:
                 self._delete_failed(created)
@@ -319,6 +322,9 @@ class ImageVolumeCache:
         ``reclaim`` and keep the write's own error for the caller."""
         try:
             self.backend.delete(volume_id)
+        except errors.VolumeAttached as exc:
+            LOG.info('template volume %s is deleted by the last host '
+                     'attached to it, or by reclaim: %s', volume_id, exc)
         except errors.AgentError as exc:
             LOG.warning('template volume %s of a failed write is left for '
                         'reclaim: %s', volume_id, exc)
@@ -380,29 +386,61 @@ class ImageVolumeCache:
                             self._publish(image, entry)
                             return entry, 'miss'
                 except BaseException:
-                    self._delete_failed(claim)
+                    self._give_up(claim)
                     raise
-                self.backend.delete(claim)
+                self._give_up(claim)
             LOG.info('image %s: waiting for template %s, claimed by host '
                      '%s', image.id, first.id, first.metadata.get('host'))
             self.backend.prepare_attach()
-            while time.monotonic() < deadline:
-                try:
-                    volume = self.backend.get(first.id)
-                except errors.VolumeNotFound:
-                    break  # its writer failed: look again
-                if volume.metadata.get('status') == 'available':
-                    return self._entry_of(image, volume), 'hit'
-                if volume.metadata.get('cinder_status') in (
-                        'deleting', 'error', 'error_deleting'):
-                    break
-                time.sleep(0.5)
-            else:
-                raise errors.HandlerCannotServe(
-                    handler='image-volume cache', image_id=image.id,
-                    reason='the template volume %s another host is '
-                    'writing was not ready in %d s' % (
-                        first.id, self.backend.template_wait_timeout))
+            held = False  # this host's attachment, made while it is written
+            try:
+                while time.monotonic() < deadline:
+                    try:
+                        volume = self.backend.get(first.id)
+                    except errors.VolumeNotFound:
+                        break  # its writer failed: look again
+                    meta = volume.metadata
+                    if meta.get('status') == 'available':
+                        held = False  # the link takes it over
+                        return self._entry_of(image, volume), 'hit'
+                    if meta.get('status') == 'failed' or \
+                            meta.get('cinder_status') in (
+                                'deleting', 'error', 'error_deleting'):
+                        break
+                    if not held and meta.get('cinder_status') not in (
+                            'creating', None):
+                        held = self.backend.attach_ahead(first.id)
+                    time.sleep(0.5)
+                else:
+                    raise errors.HandlerCannotServe(
+                        handler='image-volume cache', image_id=image.id,
+                        reason='the template volume %s another host is '
+                        'writing was not ready in %d s' % (
+                            first.id, self.backend.template_wait_timeout))
+            finally:
+                if held:
+                    self._let_go(first.id)
+
+    def _give_up(self, volume_id):
+        """Drop a claim (lost, or whose write failed): marked ``failed``
+        first, so that hosts attached to it ahead let go (and the last
+        one deletes it), then deleted if no host has it attached."""
+        with contextlib.suppress(errors.AgentError):
+            self.backend.update_metadata(volume_id, status='failed')
+        self._delete_failed(volume_id)
+
+    def _let_go(self, volume_id):
+        """Drop this host's attachment of a template it waited for and
+        did not get; delete the template if its writer gave it up and no
+        other host has it attached."""
+        try:
+            self.backend.release(volume_id)
+            if self.backend.get(volume_id).metadata.get('status') == \
+                    'failed' and not self.backend.holders(volume_id):
+                self.backend.delete(volume_id)
+        except errors.AgentError as exc:  # reclaim's, then
+            LOG.info('template volume %s left for reclaim: %s', volume_id,
+                     exc)
 
     # -- Glance locations ([cinder] glance_locations) -------------------------
     def _locations_on(self):

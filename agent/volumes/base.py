@@ -91,7 +91,14 @@ class VolumeBackend(abc.ABC):
     @abc.abstractmethod
     def write_image(self, volume_id, path, fmt):
         """Write the image file ``path`` (qemu-img format ``fmt``, already
-        inspected and verified) into the volume as raw."""
+        inspected) into the volume as raw. The volume stays ``creating``:
+        its hash may still be being verified (``download_verified`` runs
+        the write while the hash finishes)."""
+
+    def mark_written(self, volume_id):
+        """The volume's bits are written and verified: ``available`` to
+        every host (call only after the hash check passed)."""
+        self.update_metadata(volume_id, status='available', pid=None)
 
     @abc.abstractmethod
     def open_volume(self, volume_id):
@@ -108,6 +115,14 @@ class VolumeBackend(abc.ABC):
         the caller waits anyway (for another host's template); nothing by
         default. Errors are left for the attach itself to raise."""
         return None
+
+    def attach_ahead(self, volume_id):
+        """On a shared backend whose attachments take turns, make this
+        host's read-only attachment of ``volume_id`` while another host
+        still writes it, without exposing its bits (no device, no
+        export); linking it later takes that attachment, and ``release``
+        drops it. True if made; False (the default) if not."""
+        return False
 
     @abc.abstractmethod
     def release(self, volume_id):

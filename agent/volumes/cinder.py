@@ -399,7 +399,8 @@ class CinderVolumeBackend(VolumeBackend):
             raise errors.VolumeAttached(volume_id=volume_id,
                                         hosts=', '.join(hosts))
         if volume['status'] in ('reserved', 'attaching') and _decode(
-                volume.get('metadata')).get('status') == 'creating':
+                volume.get('metadata')).get('status') in ('creating',
+                                                          'failed'):
             self._drop_unfinished_attachments(volume_id)
         action = 'delete volume %s' % volume_id
         try:
@@ -485,7 +486,6 @@ class CinderVolumeBackend(VolumeBackend):
         finally:
             with self._lock(volume_id):
                 self._teardown(self._load(key))
-        self.update_metadata(volume_id, status='available', pid=None)
 
     def open_volume(self, volume_id):
         """The volume's bits through an export: the link's export when
@@ -513,6 +513,20 @@ class CinderVolumeBackend(VolumeBackend):
                 'data': {'device_path': record['device'],
                          'volume_id': volume_id,
                          'access_mode': 'ro' if read_only else 'rw'}}
+
+    def attach_ahead(self, volume_id):
+        # Cinder's record only: no device and no export exist until the
+        # template is written, so nothing (udev's probe, a page cache,
+        # librbd's cache) can keep bytes from before
+        try:
+            with self._lock(volume_id):
+                self._export(volume_id, volume_id, read_only=True,
+                             block_device=False, attach_only=True)
+            return True
+        except errors.AgentError as exc:
+            LOG.info('volume %s: not attached ahead (%s); attaching once '
+                     'it is written', volume_id, exc)
+            return False
 
     def release(self, volume_id):
         with self._lock(volume_id):
@@ -657,12 +671,15 @@ class CinderVolumeBackend(VolumeBackend):
         return data['id'], data['connection_info']
 
     def _export(self, key, volume_id, read_only, block_device,
-                direct=False):
+                direct=False, attach_only=False):
         """The live export ``key`` of ``volume_id`` (made, or repaired after
         a restart); its record. Call under the volume's lock. With
         ``direct``, the userspace route stops at the attachment (its
-        ``connection_info`` is for QEMU's RBD client)."""
+        ``connection_info`` is for QEMU's RBD client); with
+        ``attach_only``, every route does (no device, no export)."""
         record = self._load(key)
+        if attach_only and record and record.get('attachment_id'):
+            return record
         if record and self._alive(record) and (
                 record.get('device') or not block_device):
             return record
@@ -678,7 +695,9 @@ class CinderVolumeBackend(VolumeBackend):
             record['attachment_id'] = attachment_id
             record['connection_info'] = info
             self._save(record)  # a crash from here on leaves a trace
-            if route == 'kernel':
+            if attach_only:
+                pass
+            elif route == 'kernel':
                 record['path'] = record['device'] = self._map(info)
             elif not direct:
                 record['path'] = self._start_export(key, info, read_only)

@@ -255,7 +255,6 @@ class LocalVolumeBackend(VolumeBackend):
                                 image_id=volume_id, existing_target=True)
         with open(self._file(volume_id), 'rb+') as f:
             os.fsync(f.fileno())
-        self.update_metadata(volume_id, status='available', pid=None)
 
     def reclaim(self, in_use_volume_ids=None):
         gone = {'volumes': [], 'exports': []}

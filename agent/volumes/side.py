@@ -95,6 +95,7 @@ class VolumeSide:
                     progress=progress)
             finally:
                 os.close(tmp_fd)
+            backend.mark_written(volume_id)  # verified
             return volume_id
         except BaseException:
             if volume_id:
@@ -114,6 +115,7 @@ class VolumeSide:
                                               'image_id': image_id})
             try:
                 backend.write_image(volume_id, path, 'raw')
+                backend.mark_written(volume_id)  # the catalog's own file
             except BaseException:
                 backend.delete(volume_id)
                 raise
