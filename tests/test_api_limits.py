@@ -218,6 +218,9 @@ def _trickle(held, path, request):
             if select.select([sock], [], [], 1)[0]:
                 return {'sent': sent + 1, 'answer': _read_to_end(sock)
                         .decode(errors='replace')}
+        except (BrokenPipeError, ConnectionResetError):
+            # hung up between two bytes (after the wait above timed out)
+            return {'sent': sent, 'answer': ''}
         except OSError as exc:
             return {'sent': sent, 'answer': repr(exc)}
     return {'sent': len(request), 'answer': _read_to_end(sock).decode()}
