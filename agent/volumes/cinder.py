@@ -248,17 +248,20 @@ class CinderVolumeBackend(VolumeBackend):
 
     def _wait(self, volume_id, statuses, action):
         """Wait until the volume's status is one of ``statuses``
-        (``deleted``: it is gone); raise on ``error*`` or the deadline."""
+        (``deleted``: it is gone); raise on ``error*`` or the deadline.
+        ``statuses`` None: until Cinder has finished making it (any status
+        but ``creating``, an error one too: a volume created without
+        waiting is written, extended or deleted later)."""
         deadline = time.monotonic() + self.opts.operation_timeout
         while True:
             try:
                 volume = self._volume(volume_id)
             except errors.VolumeNotFound:
-                if 'deleted' in statuses:
+                if statuses and 'deleted' in statuses:
                     return None
                 raise
             status = volume['status']
-            if status in statuses:
+            if status in statuses if statuses else status != 'creating':
                 return volume
             if status.startswith('error'):
                 raise errors.VolumeServiceFailed(
@@ -341,21 +344,6 @@ class CinderVolumeBackend(VolumeBackend):
         return self._new_volume({'size': _gib(size_bytes)}, meta,
                                 'create a volume', wait=wait)
 
-    def _settled(self, volume_id, action):
-        """The volume once Cinder has finished creating it (a volume
-        created without waiting is written, extended or deleted later)."""
-        deadline = time.monotonic() + self.opts.operation_timeout
-        while True:
-            volume = self._volume(volume_id)
-            if volume['status'] != 'creating':
-                return volume
-            if time.monotonic() > deadline:
-                raise errors.VolumeServiceFailed(
-                    endpoint=self.endpoint, action=action,
-                    reason='volume %s still creating after %d s' % (
-                        volume_id, self.opts.operation_timeout))
-            time.sleep(POLL_SECONDS)
-
     def get(self, volume_id):
         return self._to_volume(self._volume(volume_id))
 
@@ -390,7 +378,8 @@ class CinderVolumeBackend(VolumeBackend):
     def delete(self, volume_id):
         self.release(volume_id)
         try:
-            volume = self._settled(volume_id, 'delete volume %s' % volume_id)
+            volume = self._wait(volume_id, None,
+                                'delete volume %s' % volume_id)
         except errors.VolumeNotFound:
             return
         hosts = sorted({a.get('host_name') or '?'
@@ -440,7 +429,7 @@ class CinderVolumeBackend(VolumeBackend):
 
     def extend(self, volume_id, size_bytes):
         action = 'extend volume %s' % volume_id
-        volume = self._settled(volume_id, action)
+        volume = self._wait(volume_id, None, action)
         if _gib(size_bytes) <= volume['size']:
             return
         self._request('POST', '/volumes/%s/action' % volume_id, action,
@@ -458,7 +447,7 @@ class CinderVolumeBackend(VolumeBackend):
     def write_image(self, volume_id, path, fmt):
         from agent.images import qemu_img
         key = volume_id + '.write'
-        self._settled(volume_id, 'write volume %s' % volume_id)
+        self._wait(volume_id, None, 'write volume %s' % volume_id)
         with self._lock(volume_id):
             # in userspace, QEMU's own RBD client writes straight into the
             # attached image (what the export would do, minus FUSE)
