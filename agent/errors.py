@@ -196,6 +196,12 @@ class VolumeWriteFailed(BackendUnavailable):
                "(or left to reclaim while Cinder cannot delete it).")
 
 
+class VolumeExportFailed(BackendUnavailable):
+    message = ("Exporting volume %(volume_id)s (Ceph RBD image %(rbd_image)s) "
+               "on this host failed: %(reason)s. Check that Ceph (monitors "
+               "and OSDs) answers this host; nothing is left exported.")
+
+
 class CacheEntryHeld(AgentError):
     message = ("Image-volume cache entry of image %(image_id)s is held by "
                "%(holders)s; it is not evicted.")

@@ -14,12 +14,14 @@ import glob
 import json
 import os
 import signal
+import socket
 import subprocess
 import time
 import uuid
 
 import pytest
 
+from agent import errors
 from tests.conftest import AgentEnv, make_raw, overlay_equals, same_content
 from tests.real_cinder import end_exports
 from tests.real_cinder import real_cinder  # noqa: F401 (a fixture)
@@ -609,3 +611,41 @@ def test_a_tampered_image_missed_on_several_hosts_leaves_no_template(
     assert [v['id'] for v in real_cinder.volumes() if v['attachments']] \
         == []
     assert exports(tmp_path) == {}
+
+
+def test_an_export_ceph_does_not_answer_is_a_ceph_error(tmp_path):
+    """Ceph stopping between Cinder's attachment and the export leaves
+    the userspace route's daemon waiting on the monitors: the wait is
+    bounded, the error names Ceph, and nothing stays exported."""
+    from agent import config
+    from agent.volumes.cinder import CinderVolumeBackend
+    exports_dir = tmp_path / 'exports'
+    conf_file = tmp_path / 'agent.conf'
+    conf_file.write_text(
+        '[DEFAULT]\nstate_path = %s\nhost = hv1\n'
+        '[volume_linking]\nbackend = cinder\n'
+        '[cinder]\nexports_path = %s\noperation_timeout = 3\n'
+        % (tmp_path / 'state', exports_dir))
+    backend = CinderVolumeBackend(config.load([str(conf_file)]))
+    # a monitor that takes the connection and never says a word
+    mon = socket.socket()
+    mon.bind(('127.0.0.1', 0))
+    mon.listen(16)
+    try:
+        started = time.monotonic()
+        with pytest.raises(errors.VolumeExportFailed) as failed:
+            backend._start_export(
+                'c0a8e3f2-54a1-4a5e-9a39-1d2f5e3b7c11.write',
+                'c0a8e3f2-54a1-4a5e-9a39-1d2f5e3b7c11',
+                {'name': 'volumes/volume-c0a8e3f2', 'hosts': ['127.0.0.1'],
+                 'ports': [str(mon.getsockname()[1])]}, read_only=False)
+        took = time.monotonic() - started
+    finally:
+        mon.close()
+        end_exports([str(exports_dir)])
+    assert 'Check that Ceph (monitors and OSDs) answers' in str(
+        failed.value), failed.value
+    assert 'volumes/volume-c0a8e3f2' in str(failed.value)
+    assert took < 3 + 15, took     # the timeout and the stop's grace
+    assert os.listdir(exports_dir) == []
+    assert processes_naming('volume-c0a8e3f2') == []

@@ -12,6 +12,7 @@ module builds the paths itself, checks every name it puts on a command
 line, and stops only a daemon whose command line names that mountpoint.
 """
 
+import contextlib
 import os
 import re
 import signal
@@ -67,20 +68,39 @@ def fuse_mounted(mountpoint):
     return False
 
 
+def _exports(pid, mountpoint):
+    """Whether ``pid`` is root's qemu-storage-daemon exporting
+    ``mountpoint``."""
+    try:
+        if os.stat('/proc/%d' % pid).st_uid != 0:
+            return False
+        with open('/proc/%d/cmdline' % pid, 'rb') as f:
+            argv = f.read().decode(errors='replace').split('\0')
+    except OSError:
+        return False
+    return os.path.basename(argv[0]) == 'qemu-storage-daemon' and any(
+        'mountpoint=%s,' % mountpoint in a for a in argv)
+
+
 def _daemon_pid(mountpoint, pidfile):
     """The PID in ``pidfile`` if that process is a qemu-storage-daemon
     exporting ``mountpoint``; else None."""
     try:
         with open(pidfile) as f:
             pid = int(f.read().strip())
-        with open('/proc/%d/cmdline' % pid, 'rb') as f:
-            argv = f.read().decode(errors='replace').split('\0')
     except (OSError, ValueError):
         return None
-    if os.path.basename(argv[0]) == 'qemu-storage-daemon' and any(
-            'mountpoint=%s,' % mountpoint in a for a in argv):
-        return pid
-    return None
+    return pid if _exports(pid, mountpoint) else None
+
+
+def _daemon_pids(mountpoint, pidfile):
+    """Every daemon exporting ``mountpoint``: the one in its pid file,
+    and one still opening the RBD image (a daemon writes its pid file
+    only once its export is up)."""
+    pids = {int(p) for p in os.listdir('/proc')
+            if p.isdigit() and _exports(int(p), mountpoint)}
+    pid = _daemon_pid(mountpoint, pidfile)
+    return pids | ({pid} if pid else set())
 
 
 @privileged.rbd_exports_context.entrypoint
@@ -134,8 +154,9 @@ def start(exports_path, key, pool, image, hosts, ports, user, ceph_conf,
                               timeout=timeout, start_new_session=True)
     except subprocess.TimeoutExpired:
         _stop(mountpoint, pidfile, timeout)
-        raise OSError('qemu-storage-daemon did not export %s/%s in %d s'
-                      % (pool, image, timeout))
+        # (its RBD client waits for the monitors and OSDs)
+        raise TimeoutError('qemu-storage-daemon did not export %s/%s in '
+                           '%d s' % (pool, image, timeout))
     if proc.returncode or not fuse_mounted(mountpoint):
         _stop(mountpoint, pidfile, timeout)
         raise OSError('qemu-storage-daemon could not export %s/%s: %s'
@@ -149,16 +170,20 @@ STOP_GRACE_SECONDS = 10
 
 
 def _stop(mountpoint, pidfile, timeout):
-    pid = _daemon_pid(mountpoint, pidfile)
-    if pid:
-        os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + min(timeout, STOP_GRACE_SECONDS)
-        while _daemon_pid(mountpoint, pidfile) == pid:
-            if time.monotonic() > deadline:
-                os.kill(pid, signal.SIGKILL)
-                time.sleep(0.1)
-                break
-            time.sleep(0.05)
+    pids = _daemon_pids(mountpoint, pidfile)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + min(timeout, STOP_GRACE_SECONDS)
+    while pids:
+        pids = {pid for pid in pids if _exports(pid, mountpoint)}
+        if pids and time.monotonic() > deadline:
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.1)
+            break
+        time.sleep(0.05)
     if fuse_mounted(mountpoint):  # the daemon died without unmounting
         subprocess.run(['umount', '-l', mountpoint], capture_output=True,
                        timeout=timeout)

@@ -689,7 +689,8 @@ class CinderVolumeBackend(VolumeBackend):
             elif route == 'kernel':
                 record['path'] = record['device'] = self._map(info)
             elif not direct:
-                record['path'] = self._start_export(key, info, read_only)
+                record['path'] = self._start_export(key, volume_id, info,
+                                                    read_only)
                 if block_device:
                     # the image's own size, not the volume's whole GiBs
                     size = _decode(self._volume(volume_id).get(
@@ -720,53 +721,26 @@ class CinderVolumeBackend(VolumeBackend):
                        loop_devices_of(record['path']) if not autoclear)
         return True
 
-    def _start_export(self, key, info, read_only):
+    def _start_export(self, key, volume_id, info, read_only):
         pool, image = info['name'].split('/', 1)
-        return self._privileged(
-            lambda m: m.start, self.exports_path, key, pool, image,
-            list(info.get('hosts') or []),
-            [str(p) for p in info.get('ports') or []],
-            info.get('auth_username') if info.get('auth_enabled') else None,
-            self.opts.ceph_conf if os.path.isfile(self.opts.ceph_conf)
-            else None, not read_only, self.opts.operation_timeout)
-
-    def _brick(self):
-        from agent import identity
-        identity.brick_context()
-        from os_brick.initiator import connector
-        return connector.InitiatorConnector.factory(
-            'RBD', root_helper=None, do_local_attach=True)
-
-    def _map(self, info):
-        return _with_timeout(self.opts.operation_timeout, 'rbd map',
-                             self._brick().connect_volume,
-                             dict(info, do_local_attach=True))['path']
-
-    def _teardown(self, record, keep_attachment=False):
-        """Undo an export: loop device, daemon or mapping, and (unless
-        kept, for a repair) the attachment, then its record. The record
-        stays while Cinder cannot be told (``reclaim`` retries)."""
-        if not record:
-            return
-        if record['route'] == 'kernel':
-            if record.get('path'):
-                _with_timeout(self.opts.operation_timeout, 'rbd unmap',
-                              self._brick().disconnect_volume,
-                              record.get('connection_info') or {},
-                              {'path': record['path']})
-        else:
-            if record.get('device'):
-                self._privileged(lambda m: m.detach_loop,
-                                 self.exports_path, record['device'])
-            self._privileged(lambda m: m.stop, self.exports_path,
-                             record['key'], self.opts.operation_timeout)
-        if keep_attachment:
-            return
-        if record.get('attachment_id'):
-            self._request('DELETE', '/attachments/%s'
-                          % record['attachment_id'], 'detach volume %s'
-                          % record['volume_id'], ok=(200, 404))
-        files.unlink_quietly(self._record_path(record['key']))
+        try:
+            return self._privileged(
+                lambda m: m.start, self.exports_path, key, pool, image,
+                list(info.get('hosts') or []),
+                [str(p) for p in info.get('ports') or []],
+                info.get('auth_username') if info.get('auth_enabled')
+                else None,
+                self.opts.ceph_conf if os.path.isfile(self.opts.ceph_conf)
+                else None, not read_only, self.opts.operation_timeout)
+        except errors.BackendUnavailable as exc:
+            cause = exc.__context__
+            # the daemon's RBD client timed out, or Ceph refused it
+            if isinstance(cause, TimeoutError) or (
+                    isinstance(cause, OSError) and _volume_side(str(cause))):
+                raise errors.VolumeExportFailed(
+                    volume_id=volume_id, rbd_image=info['name'],
+                    reason=str(cause)) from cause
+            raise
 
     def _privileged(self, call, *args):
         from agent.privileged import rbd_exports
