@@ -742,6 +742,44 @@ class CinderVolumeBackend(VolumeBackend):
                     reason=str(cause)) from cause
             raise
 
+    def _brick(self):
+        from agent import identity
+        identity.brick_context()
+        from os_brick.initiator import connector
+        return connector.InitiatorConnector.factory(
+            'RBD', root_helper=None, do_local_attach=True)
+
+    def _map(self, info):
+        return _with_timeout(self.opts.operation_timeout, 'rbd map',
+                             self._brick().connect_volume,
+                             dict(info, do_local_attach=True))['path']
+
+    def _teardown(self, record, keep_attachment=False):
+        """Undo an export: loop device, daemon or mapping, and (unless
+        kept, for a repair) the attachment, then its record. The record
+        stays while Cinder cannot be told (``reclaim`` retries)."""
+        if not record:
+            return
+        if record['route'] == 'kernel':
+            if record.get('path'):
+                _with_timeout(self.opts.operation_timeout, 'rbd unmap',
+                              self._brick().disconnect_volume,
+                              record.get('connection_info') or {},
+                              {'path': record['path']})
+        else:
+            if record.get('device'):
+                self._privileged(lambda m: m.detach_loop,
+                                 self.exports_path, record['device'])
+            self._privileged(lambda m: m.stop, self.exports_path,
+                             record['key'], self.opts.operation_timeout)
+        if keep_attachment:
+            return
+        if record.get('attachment_id'):
+            self._request('DELETE', '/attachments/%s'
+                          % record['attachment_id'], 'detach volume %s'
+                          % record['volume_id'], ok=(200, 404))
+        files.unlink_quietly(self._record_path(record['key']))
+
     def _privileged(self, call, *args):
         from agent.privileged import rbd_exports
         try:
