@@ -13,6 +13,7 @@ import contextlib
 import glob
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -180,6 +181,35 @@ def test_hosts_share_one_template_link_it_and_clone_it(
         'attachments'] == []
     assert exports(tmp_path) == {}
     hosts[1].cli('volume', 'delete', volume_id)
+
+
+def test_a_raw_image_goes_into_its_template_while_it_downloads(
+        hosts, real_glance, real_cinder, tmp_path):
+    """A raw image is copied into the claimed template range by range as
+    it downloads, holes left as holes; every host reads the image."""
+    hv1, hv2 = hosts[0], hosts[1]
+    image_path = str(tmp_path / 'follow.raw')
+    rnd = random.Random(5)
+    with open(image_path, 'wb') as f:    # data, a hole, data, a hole
+        f.write(rnd.randbytes(100 * MiB))
+        f.seek(180 * MiB)
+        f.write(rnd.randbytes(70 * MiB))
+        f.truncate(300 * MiB)
+    image_id = real_glance.create_image('follow', image_path,
+                                        visibility='public')['id']
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        procs = list(pool.map(lambda env: env.cli('-v', 'fetch', image_id),
+                              (hv1, hv2)))
+    for proc in procs:
+        assert same_content(last_line(proc), image_path)
+    written = [p.stderr for p in procs if 'while it downloaded' in p.stderr]
+    assert len(written) == 1, [p.stderr[-2000:] for p in procs]
+    assert 'stopped' not in written[0], written[0]
+    template = agent_volumes(real_cinder, 'template', image_id)
+    assert len(template) == 1, template
+    used = real_cinder.rbd_images()['volume-%s' % template[0]['id']]
+    # (RBD allocates 4 MiB objects)
+    assert 170 * MiB <= used <= 178 * MiB, used
 
 
 def test_no_host_evicts_a_template_attached_on_another(

@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import random
 import re
 import shutil
 import stat
@@ -1130,3 +1131,53 @@ def test_links_made_before_nova_left_qcow2_are_reported(lenv, image_files):
     assert os.path.isfile(base) and not os.path.islink(base)
     assert 'warning:' not in lenv.cli('list').stderr
     lenv.cli('remove', 'img')
+
+
+# -- a raw image copied into its template while it downloads ---------------
+def test_a_raw_image_is_copied_into_its_template_behind_its_download(
+        lenv, tmp_path):
+    """The follower copies only what the download has said it wrote,
+    leaves holes as holes, and a download that starts over voids the copy
+    (the write after the download then writes everything)."""
+    from agent.cache import image_volume_cache as ivc
+    step = ivc.FOLLOW_STEP
+    with agent_of(lenv) as agent:
+        backend = agent.context.volume_backend
+        data = random.Random(3).randbytes(step)
+        part = str(tmp_path / 'image.part')
+        fd = os.open(part, os.O_RDWR | os.O_CREAT, 0o600)
+        vid = backend.create(3 * step, {'kind': 'template',
+                                        'image_id': 'follow'})
+        try:
+            follower = ivc._Follower(backend, vid, fd, 'follow')
+            os.pwrite(fd, data, 0)      # step 1: data
+            follower.advance(step)
+            # step 2: zeros, a hole the download skipped, past the file's
+            # end; step 3: half data, half zeros
+            follower.advance(2 * step)
+            os.pwrite(fd, data[:step // 2], 2 * step)
+            follower.advance(2 * step + step // 2)
+            os.ftruncate(fd, 3 * step)   # (the download's last act)
+            assert follower.finish(3 * step)
+            with open(backend._file(vid), 'rb') as f:
+                assert f.read(step) == data
+                assert f.read(step) == bytes(step)
+                assert f.read(step) == data[:step // 2] + bytes(step // 2)
+            # the hole stayed a hole
+            assert os.stat(backend._file(vid)).st_blocks * 512 < 2 * step
+
+            # the source starts over: nothing copied counts
+            os.ftruncate(fd, 0)
+            again = backend.create(step, {'kind': 'template',
+                                          'image_id': 'again'})
+            follower = ivc._Follower(backend, again, fd, 'again')
+            os.pwrite(fd, data, 0)
+            follower.advance(step)
+            follower.advance(0)
+            assert not follower.finish(step)
+            assert follower.error is None
+        finally:
+            os.close(fd)
+            for volume_id in (vid, locals().get('again')):
+                if volume_id:
+                    backend.delete(volume_id)

@@ -24,8 +24,10 @@ import hashlib
 import json
 import logging
 import os
+import threading
 import time
 import uuid
+import warnings
 
 import diskcache
 import psutil
@@ -43,6 +45,9 @@ GiB = 1024 ** 3
 LOCATION_EVENTS = ('location_added', 'location_failed', 'location_removed')
 ENCRYPTION_PROPERTIES = ('cinder_encryption_key_id', 'img_encrypted',
                          'os_encrypt_key_id')
+#: a raw image goes into its claimed template in ranges of this many bytes
+#: while it downloads
+FOLLOW_STEP = 64 * 1024 ** 2
 
 
 @dataclasses.dataclass
@@ -270,8 +275,10 @@ class ImageVolumeCache:
     def _populate(self, image, source, progress, volume_id=None):
         """Create the template volume (or take ``volume_id``, claimed
         already: then the caller deletes it on failure) and write the
-        image into it once."""
+        image into it once (a raw image into a claimed template while it
+        downloads: ``_Follower``)."""
         created = None
+        follower = None
         tmp_dir = os.path.join(self.state_dir, 'tmp')
         os.makedirs(tmp_dir, exist_ok=True)
         part = os.path.join(tmp_dir, '%s.%d.part' % (hashlib.sha1(
@@ -279,6 +286,8 @@ class ImageVolumeCache:
         try:
             def write_template(fmt, virtual_size):
                 nonlocal volume_id, created
+                copied = follower.finish(virtual_size) if follower and \
+                    fmt == 'raw' else False
                 if volume_id is None:
                     self.enforce_limits(reserve_bytes=virtual_size,
                                         reserve_count=1,
@@ -290,16 +299,37 @@ class ImageVolumeCache:
                     self.backend.extend(volume_id, virtual_size)
                     self.backend.update_metadata(volume_id,
                                                  virtual_size=virtual_size)
-                self.backend.write_image(volume_id, part, fmt)
+                if copied:
+                    LOG.info('image %s: written into template %s while it '
+                             'downloaded', image.id, volume_id)
+                else:
+                    if follower:
+                        follower.stop()
+                    self.backend.write_image(
+                        volume_id, part, fmt,
+                        zeroed=not (follower and follower.wrote))
 
             files.unlink_quietly(part)
             part_fd = os.open(part, files.NEW_FLAGS, 0o600)
             try:
+                watch = progress
+                if volume_id is not None and image.disk_format == 'raw' \
+                        and image.size:
+                    follower = _Follower(self.backend, volume_id, part_fd,
+                                         image.id)
+
+                    def watch(done, total):
+                        follower.advance(done)
+                        if progress:
+                            progress(done, total)
+                # (the part file is read back, then discarded: no writeback)
                 _, virtual_size, _, _ = download.download_verified(
                     source, image, part_fd, then=write_template,
                     limits=download.DownloadLimits.from_conf(self.conf),
-                    progress=progress)
+                    progress=watch, writeback=False)
             finally:
+                if follower:
+                    follower.stop()
                 os.close(part_fd)
             # verified: only now may another host take it
             self.backend.mark_written(volume_id)
@@ -688,3 +718,102 @@ class ImageVolumeCache:
                     self._retire(current, reason)
                     retired.append(current.image_id)
         return retired
+
+
+class _Follower:
+    """Copies a raw image into its claimed template while it downloads,
+    range by range behind the download, so that once the download ends
+    only its last range is left to write, not the whole image.
+
+    It copies only bytes the download has written (the download says how
+    far through ``progress``), from the descriptor the download writes,
+    into a template no host may use before the image's hash is verified
+    (``mark_written``). A download that starts over voids what was copied;
+    any failure only ends the following: the write after the download then
+    writes the whole volume, zeros included."""
+
+    def __init__(self, backend, volume_id, part_fd, image_id):
+        self.backend = backend
+        self.volume_id = volume_id
+        self.part_fd = part_fd
+        self.image_id = image_id
+        self.copied = 0     # bytes in the template
+        self.wrote = False  # whether any byte went there
+        self.error = None
+        self._cond = threading.Condition()
+        self._seen = 0      # bytes the download has written
+        self._end = None    # the image's size, once downloaded
+        self._stopped = False
+        self._void = False
+        # the thread loads os-brick (for Cinder's connector), which imports
+        # eventlet: a thread that imports eventlet first can never be
+        # joined (seen with eventlet 0.40, Python 3.11)
+        with contextlib.suppress(ImportError), warnings.catch_warnings():
+            warnings.simplefilter('ignore')  # its deprecation warning
+            import eventlet  # noqa: F401
+        self._thread = threading.Thread(target=self._run, daemon=True,
+                                        name='follow-' + image_id[:8])
+        self._thread.start()
+
+    def advance(self, offset):
+        with self._cond:
+            if offset < self._seen:
+                self._void = True   # the source started over
+            self._seen = offset
+            self._cond.notify()
+
+    def _next(self):
+        """The next ``(offset, length)`` to copy; None when done."""
+        with self._cond:
+            while True:
+                if self._stopped or self._void:
+                    return None
+                if self._end is not None:
+                    return (self.copied, self._end - self.copied) \
+                        if self.copied < self._end else None
+                if self._seen - self.copied >= FOLLOW_STEP:
+                    return self.copied, FOLLOW_STEP
+                self._cond.wait()
+
+    def _run(self):
+        from agent.images import qemu_img
+        try:
+            with self.backend.writing(self.volume_id) as writer:
+                while True:
+                    span = self._next()
+                    if span is None:
+                        break
+                    offset, length = span
+                    # zeros at the end of what is written may be holes
+                    # past the file's end: the new template reads zeros
+                    # there already
+                    length = min(length, os.fstat(self.part_fd).st_size -
+                                 offset)
+                    if length > 0:
+                        self.wrote = True
+                        writer.copy(qemu_img.fd_path(self.part_fd), offset,
+                                    length, pass_fds=(self.part_fd,))
+                    self.copied = sum(span)
+        except Exception as exc:
+            self.error = exc
+            LOG.info('image %s: copying into template %s while it '
+                     'downloads stopped: %s', self.image_id, self.volume_id,
+                     exc)
+
+    def finish(self, size):
+        """Copy the rest of the ``size`` bytes; whether the template now
+        holds them all."""
+        with self._cond:
+            self._end = size
+            self._cond.notify()
+        self._thread.join()
+        if isinstance(self.error, errors.BackendUnavailable):
+            raise self.error  # the volume side failed: so would a rewrite
+        return self.error is None and not self._void and \
+            self.copied == size
+
+    def stop(self):
+        with self._cond:
+            self._stopped = True
+            self._cond.notify()
+        self._thread.join()

@@ -19,7 +19,9 @@ hashed, whatever happens to their name meanwhile.
 
 import json
 import logging
+import os
 import resource
+import stat
 import subprocess
 
 from agent import errors
@@ -121,13 +123,15 @@ def check(source, fmt, image_id, pass_fds=(), size=0):
 
 
 def convert_to_raw(source, source_fmt, dest, image_id, existing_target=False,
-                   pass_fds=(), virtual_size=0, source_size=0):
+                   pass_fds=(), virtual_size=0, source_size=0, zeroed=True):
     """Convert ``source`` (of format ``source_fmt``) to sparse raw, once
     ``check`` found it intact.
 
-    :param existing_target: write into ``dest``, an existing, zeroed (new,
-        sparse) file or device at least as large as the image, as
-        ``convert -n --target-is-zero``
+    :param existing_target: write into ``dest``, an existing file, device
+        or QEMU protocol filename (``rbd:``) at least as large as the
+        image, as ``convert -n``
+    :param zeroed: with ``existing_target``: ``dest`` reads as zeros (new,
+        sparse), so zeros are not written (``--target-is-zero``)
     :param pass_fds: descriptors named by ``source`` or ``dest`` (see
         ``fd_path``)
     :param virtual_size: bytes, to scale the timeout
@@ -136,7 +140,8 @@ def convert_to_raw(source, source_fmt, dest, image_id, existing_target=False,
           size=source_size or virtual_size)
     timeout = CONVERT_LIMITS['timeout'] + \
         virtual_size // CONVERT_BYTES_PER_SECOND
-    target = ['-n', '--target-is-zero'] if existing_target else []
+    target = (['-n'] + (['--target-is-zero'] if zeroed else [])) \
+        if existing_target else []
     args = ['convert', '-f', source_fmt, '-O', 'raw', '-W', '-m', '8'] + \
         target + [source, dest]
     try:
@@ -150,9 +155,37 @@ def convert_to_raw(source, source_fmt, dest, image_id, existing_target=False,
                 raise
             run(args, CONVERT_LIMITS, pass_fds, timeout)  # tmpfs: no O_DIRECT
     except subprocess.CalledProcessError as exc:
-        stderr = (exc.stderr or '').strip()
-        if 'No space left' in stderr:
-            raise OSError(28, 'No space left on device', dest)
-        raise errors.ConversionFailed(image_id=image_id,
-                                      reason=stderr or 'exit %d'
-                                      % exc.returncode)
+        _convert_failed(exc, dest, image_id)
+
+
+def copy_range(source, dest, offset, length, image_id, pass_fds=()):
+    """Copy bytes ``offset`` to ``offset + length`` of the raw image file
+    ``source`` to the same place in ``dest`` (as in ``convert_to_raw``
+    with ``existing_target``, reading as zeros there): how a raw image goes
+    into its volume range by range while it downloads."""
+    def opts(path):
+        if path.startswith('rbd:'):
+            protocol = 'rbd'
+        elif os.path.exists(path) and stat.S_ISBLK(os.stat(path).st_mode):
+            protocol = 'host_device'
+        else:
+            protocol = 'file'
+        return 'driver=raw,offset=%d,size=%d,file.driver=%s,' \
+            'file.filename=%s' % (offset, length, protocol,
+                                  path.replace(',', ',,'))
+    args = ['convert', '-n', '--target-is-zero', '-W', '-m', '8',
+            '--image-opts', opts(source), '--target-image-opts', opts(dest)]
+    try:
+        run(args, CONVERT_LIMITS, pass_fds, CONVERT_LIMITS['timeout'] +
+            length // CONVERT_BYTES_PER_SECOND)
+    except subprocess.CalledProcessError as exc:
+        _convert_failed(exc, dest, image_id)
+
+
+def _convert_failed(exc, dest, image_id):
+    stderr = (exc.stderr or '').strip()
+    if 'No space left' in stderr:
+        raise OSError(28, 'No space left on device', dest)
+    raise errors.ConversionFailed(image_id=image_id,
+                                  reason=stderr or 'exit %d'
+                                  % exc.returncode)

@@ -21,6 +21,7 @@ Worked example with the ``local`` backend::
 
 import abc
 import dataclasses
+import os
 
 
 @dataclasses.dataclass
@@ -31,6 +32,33 @@ class Volume:
 
     def to_dict(self):
         return dataclasses.asdict(self)
+
+
+class ImageWriter:
+    """Writes an image into a volume being made (``VolumeBackend.writing``):
+    whole, converted to raw, or a raw image range by range while it
+    downloads. ``target``: what QEMU writes (a file, a block device or a
+    protocol filename such as ``rbd:``)."""
+
+    def __init__(self, target, volume_id):
+        self.target = target
+        self.volume_id = volume_id
+
+    def write(self, path, fmt, zeroed=True):
+        """The image file ``path`` (qemu-img format ``fmt``, inspected),
+        as raw; with ``zeroed``, the volume reads as zeros so far (new)."""
+        from agent.images import qemu_img
+        qemu_img.convert_to_raw(path, fmt, self.target,
+                                image_id=self.volume_id,
+                                existing_target=True, zeroed=zeroed,
+                                virtual_size=os.path.getsize(path))
+
+    def copy(self, path, offset, length, pass_fds=()):
+        """Bytes ``offset`` to ``offset + length`` of the raw image file
+        ``path`` to the same place in the new volume."""
+        from agent.images import qemu_img
+        qemu_img.copy_range(path, self.target, offset, length,
+                            image_id=self.volume_id, pass_fds=pass_fds)
 
 
 class VolumeBackend(abc.ABC):
@@ -89,11 +117,18 @@ class VolumeBackend(abc.ABC):
         """Grow a volume to ``size_bytes``."""
 
     @abc.abstractmethod
-    def write_image(self, volume_id, path, fmt):
+    def writing(self, volume_id):
+        """A context manager giving an ``ImageWriter`` into the new volume
+        ``volume_id`` (made ready to write, then durable and released on
+        exit). The volume stays ``creating``: its image's hash may still be
+        being verified."""
+
+    def write_image(self, volume_id, path, fmt, zeroed=True):
         """Write the image file ``path`` (qemu-img format ``fmt``, already
-        inspected) into the volume as raw. The volume stays ``creating``:
-        its hash may still be being verified (``download_verified`` runs
-        the write while the hash finishes)."""
+        inspected) into the volume as raw (``download_verified`` runs it
+        while the hash finishes: see ``writing``)."""
+        with self.writing(volume_id) as writer:
+            writer.write(path, fmt, zeroed=zeroed)
 
     def mark_written(self, volume_id):
         """The volume's bits are written and verified: ``available`` to

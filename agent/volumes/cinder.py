@@ -64,7 +64,7 @@ import psutil
 from oslo_concurrency import lockutils
 
 from agent import config, errors, files
-from agent.volumes.base import Volume, VolumeBackend
+from agent.volumes.base import ImageWriter, Volume, VolumeBackend
 
 LOG = logging.getLogger(__name__)
 GiB = 1024 ** 3
@@ -444,8 +444,8 @@ class CinderVolumeBackend(VolumeBackend):
                     % self.opts.operation_timeout)
             time.sleep(POLL_SECONDS)
 
-    def write_image(self, volume_id, path, fmt):
-        from agent.images import qemu_img
+    @contextlib.contextmanager
+    def writing(self, volume_id):
         key = volume_id + '.write'
         self._wait(volume_id, None, 'write volume %s' % volume_id)
         with self._lock(volume_id):
@@ -460,10 +460,7 @@ class CinderVolumeBackend(VolumeBackend):
                 record['connection_info'], self.opts.ceph_conf,
                 op_timeout=self.opts.operation_timeout)
             try:
-                qemu_img.convert_to_raw(path, fmt, target,
-                                        image_id=volume_id,
-                                        existing_target=True,
-                                        virtual_size=os.path.getsize(path))
+                yield ImageWriter(target, volume_id)
             except errors.ConversionFailed as exc:
                 if not _volume_side(exc.kwargs.get('reason') or ''):
                     raise

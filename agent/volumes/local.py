@@ -23,7 +23,7 @@ import psutil
 from oslo_concurrency import lockutils
 
 from agent import errors, files
-from agent.volumes.base import Volume, VolumeBackend
+from agent.volumes.base import ImageWriter, Volume, VolumeBackend
 
 FICLONE = 0x40049409
 STALE_SECONDS = 300  # a metadata write takes milliseconds
@@ -249,10 +249,9 @@ class LocalVolumeBackend(VolumeBackend):
             for device in self._devices(path):
                 _privileged(lambda m: m.refresh_capacity, device)
 
-    def write_image(self, volume_id, path, fmt):
-        from agent.images import qemu_img
-        qemu_img.convert_to_raw(path, fmt, self._file(volume_id),
-                                image_id=volume_id, existing_target=True)
+    @contextlib.contextmanager
+    def writing(self, volume_id):
+        yield ImageWriter(self._file(volume_id), volume_id)
         with open(self._file(volume_id), 'rb+') as f:
             os.fsync(f.fileno())
 
