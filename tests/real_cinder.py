@@ -366,22 +366,37 @@ class RealCinder:
 
     def start_ceph(self, timeout=120):
         """Undo ``stop_ceph``: the monitor restarted, the OSD thawed; wait
-        until the pool's PGs are active+clean again."""
+        until the pool's PGs are active+clean again.
+
+        A PG whose read lease ran out while its OSD was frozen can stay
+        ``laggy`` on this one-OSD cluster, every op on it blocked for good
+        (seen in CI: Cinder's deletes and creates hung from then on). The
+        OSD is marked down once, so that it rejoins and peers again, which
+        renews the leases and requeues the blocked ops."""
         os.killpg(self.procs['ceph-osd'].pid, signal.SIGCONT)
         if 'ceph-mon' not in self.procs:
             proc, log = self._spawn('ceph-mon', [
                 'ceph-mon', '-c', self.ceph_conf, '-f', '-i', 'a'])
-        _wait('ceph back (PGs active+clean)', self._ceph_ready, timeout,
-              os.path.join(self.ceph_dir, 'log', 'ceph-mon.a.log'),
-              self.procs['ceph-mon'])
+        log = os.path.join(self.ceph_dir, 'log', 'ceph-mon.a.log')
+        _wait('ceph monitor back', lambda: self.ceph(
+            'osd', 'down', '0', timeout=15) is not None, timeout, log,
+            self.procs['ceph-mon'])
+        _wait('ceph back (PGs active+clean, no slow ops)', self._ceph_ready,
+              timeout, log, self.procs['ceph-mon'])
 
     def _ceph_ready(self):
         df = json.loads(self.ceph('df', '--format', 'json', timeout=15))
         pgs = json.loads(self.ceph('pg', 'stat', '--format', 'json',
                                    timeout=15))
         states = pgs.get('pg_summary', pgs).get('num_pg_by_state', [])
+        health = json.loads(self.ceph('health', '--format', 'json',
+                                      timeout=15))
+        osds = json.loads(self.ceph('osd', 'stat', '--format', 'json',
+                                    timeout=15))
         return any(p['name'] == 'volumes' for p in df['pools']) and \
-            all(s['name'] == 'active+clean' for s in states)
+            all(s['name'] == 'active+clean' for s in states) and \
+            'SLOW_OPS' not in health.get('checks', {}) and \
+            osds.get('num_up_osds') == osds.get('num_osds') == 1
 
     # -- rabbitmq -------------------------------------------------------------
     def _rabbit_env(self):
