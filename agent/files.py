@@ -126,12 +126,30 @@ def open_existing(name, dir_fd=None, follow=False, kinds=(stat.S_ISREG,)):
     return fd, st
 
 
+@contextlib.contextmanager
+def _in_a_live_directory(dir_fd):
+    """Refuse, as an UnsafePath, what fails because the directory
+    ``dir_fd`` was removed while in use (whoever owns its parent can
+    move its entries elsewhere and remove it): ext4 refuses a new file in
+    it with EPERM, a name in it with ENOENT."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.ENOENT) or \
+                os.fstat(dir_fd).st_nlink:
+            raise
+        raise errors.UnsafePath(
+            path=os.readlink('/proc/self/fd/%d' % dir_fd),
+            reason='the directory was removed while in use') from exc
+
+
 def new_anonymous(dir_fd, mode=0o644):
     """A new file in the directory ``dir_fd`` with no name yet, or None
     where the filesystem cannot make one (then use ``new_named``)."""
     try:
-        return os.open('.', os.O_RDWR | os.O_TMPFILE | os.O_CLOEXEC, mode,
-                       dir_fd=dir_fd)
+        with _in_a_live_directory(dir_fd):
+            return os.open('.', os.O_RDWR | os.O_TMPFILE | os.O_CLOEXEC,
+                           mode, dir_fd=dir_fd)
     except OSError as exc:
         if exc.errno in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
             return None
@@ -142,7 +160,8 @@ def new_named(name, dir_fd, mode=0o644):
     """Create ``name`` afresh: a leftover of that name (e.g. a symlink
     planted by someone else) is removed, never followed or reused."""
     unlink_quietly(name, dir_fd=dir_fd)
-    return os.open(name, NEW_FLAGS, mode, dir_fd=dir_fd)
+    with _in_a_live_directory(dir_fd):
+        return os.open(name, NEW_FLAGS, mode, dir_fd=dir_fd)
 
 
 def publish(fd, name, dir_fd, temp_name=None):
@@ -153,15 +172,16 @@ def publish(fd, name, dir_fd, temp_name=None):
     is unlinked first); a named one (``temp_name``) is renamed over
     ``name`` only while ``temp_name`` still holds the inode of ``fd``.
     """
-    if temp_name is None:
-        unlink_quietly(name, dir_fd=dir_fd)
-        os.link('/proc/self/fd/%d' % fd, name, dst_dir_fd=dir_fd,
-                follow_symlinks=True)
-    else:
-        mine = os.fstat(fd)
-        there = os.stat(temp_name, dir_fd=dir_fd, follow_symlinks=False)
-        if (there.st_dev, there.st_ino) != (mine.st_dev, mine.st_ino):
-            raise errors.UnsafePath(path=temp_name,
-                                    reason='it was replaced while in use')
-        os.rename(temp_name, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    with _in_a_live_directory(dir_fd):
+        if temp_name is None:
+            unlink_quietly(name, dir_fd=dir_fd)
+            os.link('/proc/self/fd/%d' % fd, name, dst_dir_fd=dir_fd,
+                    follow_symlinks=True)
+        else:
+            mine = os.fstat(fd)
+            there = os.stat(temp_name, dir_fd=dir_fd, follow_symlinks=False)
+            if (there.st_dev, there.st_ino) != (mine.st_dev, mine.st_ino):
+                raise errors.UnsafePath(path=temp_name,
+                                        reason='it was replaced while in use')
+            os.rename(temp_name, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
     os.fsync(dir_fd)

@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from agent import api, cli, core, metrics, naming
+from agent import api, cli, core, errors, files, metrics, naming
 from agent.images import download
 
 
@@ -175,3 +175,22 @@ def test_metrics_text_is_prometheus_exposition():
     assert text.endswith('\n')
     with pytest.raises(AssertionError):
         registry.inc('not_declared_total')
+
+
+def test_a_directory_removed_while_in_use_is_refused(tmp_path):
+    """Whoever owns ``_base``'s parent can move its entries out and remove
+    it while the agent holds it open: a clear refusal, not ext4's bare
+    EPERM."""
+    base = tmp_path / '_base'
+    base.mkdir()
+    dir_fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.rmdir(base)
+        with pytest.raises(errors.UnsafePath,
+                           match='removed while in use') as refused:
+            fd = files.new_anonymous(dir_fd) or \
+                files.new_named('x.part', dir_fd)
+            files.publish(fd, 'x', dir_fd)
+        assert str(base) in str(refused.value)
+    finally:
+        os.close(dir_fd)
