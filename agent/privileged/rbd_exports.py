@@ -93,14 +93,12 @@ def _daemon_pid(mountpoint, pidfile):
     return pid if _exports(pid, mountpoint) else None
 
 
-def _daemon_pids(mountpoint, pidfile):
-    """Every daemon exporting ``mountpoint``: the one in its pid file,
-    and one still opening the RBD image (a daemon writes its pid file
-    only once its export is up)."""
-    pids = {int(p) for p in os.listdir('/proc')
+def _daemon_pids(mountpoint):
+    """Every daemon exporting ``mountpoint``, also one still opening the
+    RBD image (a daemon writes its pid file only once its export is up,
+    so the file cannot name it)."""
+    return {int(p) for p in os.listdir('/proc')
             if p.isdigit() and _exports(int(p), mountpoint)}
-    pid = _daemon_pid(mountpoint, pidfile)
-    return pids | ({pid} if pid else set())
 
 
 @privileged.rbd_exports_context.entrypoint
@@ -170,7 +168,7 @@ STOP_GRACE_SECONDS = 10
 
 
 def _stop(mountpoint, pidfile, timeout):
-    pids = _daemon_pids(mountpoint, pidfile)
+    pids = _daemon_pids(mountpoint)
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
