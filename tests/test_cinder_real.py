@@ -128,16 +128,17 @@ def test_hosts_share_one_template_link_it_and_clone_it(
         hosts, image, image_files, real_cinder, tmp_path):
     image_id = image['id']
     with concurrent.futures.ThreadPoolExecutor(len(hosts)) as pool:
-        bases = list(pool.map(lambda env: last_line(env.cli(
-            'fetch', image_id)), hosts))
+        procs = list(pool.map(lambda env: env.cli('fetch', image_id),
+                              hosts))
+    bases = [last_line(proc) for proc in procs]
 
     # concurrent misses on three hosts: one template in Cinder
     template, = agent_volumes(real_cinder, 'template', image_id)
     assert template['agent']['status'] == 'available'
     assert template['multiattach'] is True
     # every host links it, read-only, and QEMU reads the image through it
-    for base in bases:
-        assert os.path.islink(base)
+    for base, proc in zip(bases, procs):
+        assert os.path.islink(base), proc.stderr
         device = os.path.realpath(base)
         assert device.startswith('/dev/loop')
         assert overlay_equals(base, image_files['disk.raw'], tmp_path)
